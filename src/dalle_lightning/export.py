@@ -1,0 +1,64 @@
+"""Stage exports: the portable artifact a later stage or the pipeline loads (never a pickle).
+
+`export/<stage>/` holds safetensors weights with their library's config (so transformers or diffusers load
+them with `from_pretrained`), tokenizer files where the stage has one, and `dalle_lightning.json` naming
+the stage and the resolved config that trained it. Written to a temporary folder and swapped in, so an
+interrupted export never leaves a half-written one in place.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from dalle_lightning import __version__
+from dalle_lightning.errors import UserError
+
+MANIFEST = "dalle_lightning.json"
+
+
+def write_export(path: str | Path, stage: str, save: Callable[[Path], None], config: Any = None) -> Path:
+    """Call `save(tmp_dir)`, add the manifest, then atomically replace `path` with the result."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    old = path.with_name(f".{path.name}.old")
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    tmp.mkdir()
+    save(tmp)
+    (tmp / MANIFEST).write_text(json.dumps({"stage": stage, "version": __version__, "config": config}, indent=2))
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def read_manifest(path: str | Path, stage: str, option: str) -> dict[str, Any]:
+    """The manifest of an export, checked to be of `stage`; `option` is the config key that named it."""
+    path = Path(path)
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        raise UserError(
+            f"{option}='{path}' is not a {stage} export (no {MANIFEST}): train with stage={stage} first, "
+            f"or point {option} at its export folder"
+        )
+    info = json.loads(manifest.read_text())
+    if info.get("stage") != stage:
+        raise UserError(f"{option}='{path}' is a {info.get('stage')} export, not a {stage} export")
+    return info
+
+
+def load_clip_export(path: str | Path, option: str = "stage.clip_export"):
+    """(CLIPModel, tokenizer) from a CLIP export, in eval mode."""
+    from transformers import CLIPModel
+
+    from dalle_lightning.models.tokenizer import load_tokenizer
+
+    read_manifest(path, "clip", option)
+    model = CLIPModel.from_pretrained(str(path)).eval()
+    return model, load_tokenizer(path)

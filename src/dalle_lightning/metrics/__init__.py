@@ -1,0 +1,1 @@
+"""Evaluation metrics as torchmetrics `Metric`s (synced across ranks)."""

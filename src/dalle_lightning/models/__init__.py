@@ -1,0 +1,1 @@
+"""Model construction from config presets, wrapping transformers and diffusers."""

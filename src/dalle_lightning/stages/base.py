@@ -1,0 +1,73 @@
+"""What every stage shares: optimizer and LR schedule from config, and counting of skipped samples."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+
+from dalle_lightning.data.decode import SKIP_REASONS
+
+
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 100, min_lr_ratio: float = 0.1
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup to the base LR, then cosine decay to `min_lr_ratio` of it at `total_steps`."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class StageModule(L.LightningModule):
+    """Base of the stage modules. `optim` and `scheduler` are config dicts (`_target_` + `_partial_`), kept
+    as plain data so checkpoints load with `weights_only=True`."""
+
+    def __init__(self, optim: Mapping[str, Any], scheduler: Mapping[str, Any] | None = None):
+        super().__init__()
+        self.optim_config = dict(optim)
+        self.scheduler_config = dict(scheduler) if scheduler else None
+        self.skipped: Counter = Counter()
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Weight decay on matrices only, not on biases, norms, embeddings' scales or temperatures."""
+        decay, no_decay = [], []
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            (decay if param.ndim >= 2 and "embedding" not in name else no_decay).append(param)
+        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        extra = {"fused": True} if self.device.type == "cuda" else {}
+        optimizer = instantiate(self.optim_config)(self.parameter_groups(), **extra)
+        if self.scheduler_config is None:
+            return {"optimizer": optimizer}
+        total = int(self.trainer.estimated_stepping_batches)
+        scheduler = instantiate(self.scheduler_config)(optimizer, total_steps=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # Batches carry the counts of samples their worker skipped; collect them, log totals per epoch.
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._take_skipped(batch)
+
+    def on_validation_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._take_skipped(batch)
+
+    def _take_skipped(self, batch: Any) -> None:
+        if isinstance(batch, dict):
+            self.skipped.update(batch.pop("skipped", {}))
+
+    def on_train_epoch_end(self) -> None:
+        counts = {f"data/skipped/{reason}": float(self.skipped.get(reason, 0)) for reason in SKIP_REASONS}
+        self.log_dict(counts, reduce_fx="sum", sync_dist=True)
+        self.skipped.clear()

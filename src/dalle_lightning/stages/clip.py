@@ -1,0 +1,107 @@
+"""Stage 1: contrastive CLIP (image and text encoders, learnable temperature) on image-caption shards."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from dalle_lightning.metrics.retrieval import RetrievalMetrics
+from dalle_lightning.models.clip import build_clip, encode_images, encode_texts
+from dalle_lightning.stages.base import StageModule
+
+Gather = Callable[[torch.Tensor], torch.Tensor]
+
+
+class ContrastiveLoss(nn.Module):
+    """Symmetric InfoNCE of local features against the features of all ranks.
+
+    `gather` returns every rank's tensor stacked (world, B, ...) with gradients flowing back to each rank
+    (Lightning's `all_gather(..., sync_grads=True)`), or the local tensor on one process. Each rank scores
+    its own rows against all columns; the mean over ranks equals the loss of one process on the global
+    batch. Items with the same caption id are all positives (soft targets): captions repeat in real data
+    and constantly in Shapes, and calling an identical caption a negative would fight the model.
+    """
+
+    def forward(
+        self,
+        image: torch.Tensor,
+        text: torch.Tensor,
+        logit_scale: torch.Tensor,
+        caption_id: torch.Tensor,
+        gather: Gather | None = None,
+    ) -> torch.Tensor:
+        all_image, all_text, all_ids = image, text, caption_id
+        if gather is not None:
+            gathered = [gather(x) for x in (image, text, caption_id)]
+            if gathered[0].ndim > image.ndim:  # (world, B, ...): more than one process
+                all_image, all_text, all_ids = (g.flatten(0, 1) for g in gathered)
+        logits_per_image = logit_scale * image @ all_text.T
+        logits_per_text = logit_scale * text @ all_image.T
+        targets = (caption_id[:, None] == all_ids[None, :]).float()
+        targets = targets / targets.sum(1, keepdim=True)
+        return (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_text, targets)) / 2
+
+
+class ClipModule(StageModule):
+    """Contrastive CLIP on transformers' `CLIPModel`; validation reports retrieval R@1/R@5 both ways and
+    zero-shot accuracy (also split into held-out and seen when the data marks them)."""
+
+    def __init__(
+        self,
+        model: Mapping[str, Any],
+        optim: Mapping[str, Any],
+        scheduler: Mapping[str, Any] | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        max_temperature_scale: float = 100.0,
+    ):
+        super().__init__(optim, scheduler)
+        self.save_hyperparameters(ignore=["tokenizer"])
+        self.tokenizer = tokenizer
+        self.model = build_clip(model, tokenizer)
+        self.max_log_scale = math.log(max_temperature_scale)
+        self.loss = ContrastiveLoss()
+        self.val_retrieval = RetrievalMetrics()
+
+    def forward(
+        self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return encode_images(self.model, images), encode_texts(self.model, input_ids, attention_mask)
+
+    def _loss(self, batch: dict[str, Any], gather: Gather | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        image, text = self(batch["image"], batch["input_ids"], batch.get("attention_mask"))
+        loss = self.loss(image, text, self.model.logit_scale.exp(), batch["caption_id"], gather)
+        return loss, image, text
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss, _, _ = self._loss(batch, lambda x: self.all_gather(x, sync_grads=True))
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/logit_scale", self.model.logit_scale.detach().exp())
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # CLIP's temperature clamp: keep the logit scale at or below max_temperature_scale.
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0, self.max_log_scale)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        loss, image, text = self._loss(batch, gather=None)
+        self.log("val/loss", loss, sync_dist=True, batch_size=image.shape[0])
+        self.val_retrieval.update(image, text, batch["group_id"], batch["caption_id"], batch["heldout"])
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_retrieval.update_count:
+            self.log_dict({f"val/{k}": v for k, v in self.val_retrieval.compute().items()})
+        self.val_retrieval.reset()
+
+    def export(self, path: Path) -> None:
+        """transformers' own format (config.json + model.safetensors) plus the tokenizer files."""
+        self.model.save_pretrained(str(path), safe_serialization=True)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(str(path))

@@ -1,0 +1,82 @@
+"""Shared fixtures: a small Shapes build, Hydra composition of the real configs, and train.py runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+import dalle_lightning.resolvers  # noqa: F401
+from dalle_lightning.data import shapes
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+# Small enough to build in seconds, big enough for a few training batches and a val set.
+SMALL_SHAPES = dict(num_train=1200, num_val=256, size=64, seed=0, samples_per_shard=400)
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+@pytest.fixture(scope="session")
+def shapes_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("shapes")
+    shapes.build(root, **SMALL_SHAPES)
+    return root
+
+
+def compose_config(overrides: list[str], tmp_path: Path) -> DictConfig:
+    """The train config as train.py would see it, with all paths under tmp_path."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(tmp_path)
+        cfg.paths.output_dir = str(tmp_path / "run")
+        cfg.hydra.runtime.output_dir = str(tmp_path / "run")
+    return cfg
+
+
+def shapes_overrides(root: Path) -> list[str]:
+    """Point data=shapes at the session's small build (same parameters, so nothing is re-rendered)."""
+    return [
+        f"data.root={root}",
+        f"data.num_train={SMALL_SHAPES['num_train']}",
+        f"data.num_val={SMALL_SHAPES['num_val']}",
+        f"data.samples_per_shard={SMALL_SHAPES['samples_per_shard']}",
+    ]
+
+
+def run_train(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the real `python train.py ...` entry point in `cwd` (outputs land there)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_SILENT="true", TOKENIZERS_PARALLELISM="false")
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+# A CLIP training run that takes seconds: a few steps, small batches, no loader workers.
+FAST_CLIP = [
+    "trainer=cpu",
+    "trainer.max_steps=6",
+    "trainer.max_epochs=-1",
+    "trainer.log_every_n_steps=1",
+    "data.batch_size=32",
+    "data.samples_per_epoch=96",
+    "data.val_samples=64",
+    "data.num_workers=0",
+    "scheduler.warmup_steps=2",
+]
