@@ -39,9 +39,9 @@ def compose_config(overrides: list[str], tmp_path: Path) -> DictConfig:
         cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
+        del cfg["hydra"]  # as in a job: the hydra node is available through HydraConfig only
         cfg.paths.root_dir = str(tmp_path)
         cfg.paths.output_dir = str(tmp_path / "run")
-        cfg.hydra.runtime.output_dir = str(tmp_path / "run")
     return cfg
 
 

@@ -6,6 +6,7 @@ import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import NoReturn
 
 log = logging.getLogger(__name__)
 
@@ -21,14 +22,19 @@ def report_user_errors() -> Iterator[None]:
 
     try:
         yield
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
     except MissingMandatoryValue as err:
         key = getattr(err, "full_key", "") or str(err)
-        print(
-            f"error: missing required config value '{key}': set it on the command line ({key}=...)",
-            file=sys.stderr,
-            flush=True,
-        )
-        sys.exit(2)
+        _exit(f"missing required config value '{key}': set it on the command line ({key}=...)")
+    except Exception as err:
+        # hydra.utils.instantiate wraps what a constructor raises: look through the causes.
+        cause: BaseException | None = err
+        while cause is not None and not isinstance(cause, UserError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        _exit(str(cause))
+
+
+def _exit(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)

@@ -72,7 +72,9 @@ def load_or_train_tokenizer(
     """
     save_dir = Path(save_dir)
     if (save_dir / "tokenizer.json").exists():
-        return load_tokenizer(save_dir)
+        tokenizer = load_tokenizer(save_dir)
+        tokenizer.model_max_length = context_length  # the config decides, not what was saved
+        return tokenizer
     if pretrained:
         tokenizer = load_tokenizer(pretrained)
         tokenizer.model_max_length = min(tokenizer.model_max_length, context_length)

@@ -20,13 +20,11 @@ Gather = Callable[[torch.Tensor], torch.Tensor]
 
 
 class ContrastiveLoss(nn.Module):
-    """Symmetric InfoNCE of local features against the features of all ranks.
+    """Symmetric InfoNCE (CLIP's loss) of local features against the features of all ranks.
 
     `gather` returns every rank's tensor stacked (world, B, ...) with gradients flowing back to each rank
     (Lightning's `all_gather(..., sync_grads=True)`), or the local tensor on one process. Each rank scores
-    its own rows against all columns; the mean over ranks equals the loss of one process on the global
-    batch. Items with the same caption id are all positives (soft targets): captions repeat in real data
-    and constantly in Shapes, and calling an identical caption a negative would fight the model.
+    its own rows against all columns; the mean over ranks is the loss of one process on the global batch.
     """
 
     def forward(
@@ -34,19 +32,19 @@ class ContrastiveLoss(nn.Module):
         image: torch.Tensor,
         text: torch.Tensor,
         logit_scale: torch.Tensor,
-        caption_id: torch.Tensor,
         gather: Gather | None = None,
+        rank: int = 0,
     ) -> torch.Tensor:
-        all_image, all_text, all_ids = image, text, caption_id
+        all_image, all_text, offset = image, text, 0
         if gather is not None:
-            gathered = [gather(x) for x in (image, text, caption_id)]
-            if gathered[0].ndim > image.ndim:  # (world, B, ...): more than one process
-                all_image, all_text, all_ids = (g.flatten(0, 1) for g in gathered)
+            gathered_image, gathered_text = gather(image), gather(text)
+            if gathered_image.ndim > image.ndim:  # (world, B, D): more than one process
+                all_image, all_text = gathered_image.flatten(0, 1), gathered_text.flatten(0, 1)
+                offset = rank * image.shape[0]
+        labels = torch.arange(image.shape[0], device=image.device) + offset
         logits_per_image = logit_scale * image @ all_text.T
         logits_per_text = logit_scale * text @ all_image.T
-        targets = (caption_id[:, None] == all_ids[None, :]).float()
-        targets = targets / targets.sum(1, keepdim=True)
-        return (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_text, targets)) / 2
+        return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
 
 
 class ClipModule(StageModule):
@@ -76,7 +74,7 @@ class ClipModule(StageModule):
 
     def _loss(self, batch: dict[str, Any], gather: Gather | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         image, text = self(batch["image"], batch["input_ids"], batch.get("attention_mask"))
-        loss = self.loss(image, text, self.model.logit_scale.exp(), batch["caption_id"], gather)
+        loss = self.loss(image, text, self.model.logit_scale.exp(), gather, self.global_rank)
         return loss, image, text
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:

@@ -1,0 +1,166 @@
+"""`make demo`: build Shapes, train the stages at demo scale on this machine, and report what they reached.
+
+Each stage is trained by the real entry point (`python train.py experiment=demo/<stage>`) in its own
+process; the figures come from the runs' `metrics.json` and the exports. The report is printed as a table
+and written to `outputs/demo/report.json`, one section per stage, so machines can be compared.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dalle_lightning.data import shapes
+
+ROOT = Path(__file__).resolve().parents[2]
+OUT = ROOT / "outputs" / "demo"
+SHAPES_DIR = ROOT / "data" / "shapes"
+# The same build as conf/data/shapes.yaml, so training finds it ready.
+SHAPES_ARGS = dict(num_train=20_000, num_val=1000, size=64, seed=0, samples_per_shard=1000)
+
+
+def train_stage(stage: str, extra: list[str] = ()) -> tuple[dict[str, float], float, Path]:
+    """Run `train.py experiment=demo/<stage>`; return its metrics, wall time and run folder."""
+    run_dir = OUT / "runs" / stage
+    shutil.rmtree(run_dir, ignore_errors=True)
+    command = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        f"experiment=demo/{stage}",
+        f"hydra.run.dir={run_dir}",
+        f"paths.export_dir={OUT / 'export'}",
+        *extra,
+    ]
+    print(f"\n=== {stage}: {' '.join(command[1:])}", flush=True)
+    start = time.perf_counter()
+    subprocess.run(command, cwd=ROOT, check=True)
+    seconds = time.perf_counter() - start
+    return json.loads((run_dir / "metrics.json").read_text()), seconds, run_dir
+
+
+def clip_retrieval_grid(export: Path, path: Path, rows: int = 8, top: int = 5) -> None:
+    """Held-out val captions, each with the val images the trained CLIP ranks highest for it."""
+    from dalle_lightning.data.datamodule import ShapesDataModule
+    from dalle_lightning.export import load_clip_export
+    from dalle_lightning.models.clip import encode_images, encode_texts
+    from dalle_lightning.visualize import captioned_grid
+
+    model, tokenizer = load_clip_export(export)
+    dm = ShapesDataModule(
+        str(SHAPES_DIR),
+        **{k: v for k, v in SHAPES_ARGS.items() if k != "size" and k != "seed"},
+        image_size=model.config.vision_config.image_size,
+        batch_size=250,
+        num_workers=0,
+        val_samples=500,
+        tokenizer=tokenizer,
+        context_length=tokenizer.model_max_length,
+    )
+    dm.setup("validate")
+    batches = [dm.on_after_batch_transfer(b, 0) for b in dm.val_dataloader()]
+    images = torch.cat([b["image"] for b in batches])
+    captions = [c for b in batches for c in b["caption"]]
+    heldout = torch.cat([b["heldout"] for b in batches])
+    chosen, seen = [], set()
+    for i in heldout.nonzero().flatten().tolist():
+        if captions[i] not in seen and len(chosen) < rows:
+            chosen.append(i)
+            seen.add(captions[i])
+    tokens = tokenizer(
+        [captions[i] for i in chosen],
+        padding="max_length",
+        truncation=True,
+        max_length=tokenizer.model_max_length,
+        return_tensors="pt",
+    )
+    with torch.no_grad():
+        image_features = torch.cat([encode_images(model, chunk) for chunk in images.split(250)])
+        text_features = encode_texts(model, tokens["input_ids"], tokens["attention_mask"])
+    ranked = (text_features @ image_features.T).topk(top, dim=1).indices
+    grid = captioned_grid([(f"{captions[i]} (held-out)", [images[j] for j in ranked[r]]) for r, i in enumerate(chosen)])
+    grid.save(path)
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line]
+        cpu = names[0] if names else cpu
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def print_table(report: dict[str, Any]) -> None:
+    print("\n" + "=" * 64)
+    print(f"{'section':10s} {'figure':34s} {'value':>16s}")
+    print("-" * 64)
+    for section, values in report.items():
+        if section in ("machine", "paths"):
+            continue
+        for key, value in values.items():
+            shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+            print(f"{section:10s} {key:34s} {shown:>16s}")
+    print("-" * 64)
+    for key, value in report["paths"].items():
+        print(f"{key}: {value}")
+    print("=" * 64)
+
+
+def main() -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    total_start = time.perf_counter()
+    install_file = ROOT / ".venv" / ".install_s"
+    times: dict[str, float] = {"install_s": float(install_file.read_text()) if install_file.exists() else 0.0}
+
+    start = time.perf_counter()
+    print("=== building the Shapes shards (skipped when already built)", flush=True)
+    shapes.build(SHAPES_DIR, **SHAPES_ARGS)
+    times["shapes_s"] = time.perf_counter() - start
+
+    clip_metrics, times["clip_s"], clip_run = train_stage("clip")
+    clip = {
+        "r1_heldout": clip_metrics["val/t2i_r1_heldout"],
+        "r5_heldout": clip_metrics["val/t2i_r5_heldout"],
+        "r1_seen": clip_metrics["val/t2i_r1_seen"],
+        "i2t_r1_heldout": clip_metrics["val/i2t_r1_heldout"],
+        "zeroshot_acc_heldout": clip_metrics["val/zeroshot_acc_heldout"],
+        "train_loss": clip_metrics["train/loss"],
+    }
+    grid = OUT / "clip_retrieval_heldout.png"
+    clip_retrieval_grid(OUT / "export" / "clip", grid)
+
+    times["total_s"] = time.perf_counter() - total_start + times["install_s"]
+    wandb_runs = sorted(str(p) for p in (OUT / "runs").glob("*/wandb/offline-run-*"))
+    report = {
+        "clip": clip,
+        "times": times,
+        "machine": machine(),
+        "paths": {
+            "report": str(OUT / "report.json"),
+            "clip_retrieval_grid": str(grid),
+            "clip_export": str(OUT / "export" / "clip"),
+            "clip_run": str(clip_run),
+            "wandb_offline_runs": ", ".join(wandb_runs),
+        },
+    }
+    (OUT / "report.json").write_text(json.dumps(report, indent=2))
+    print_table(report)
+
+
+if __name__ == "__main__":
+    main()

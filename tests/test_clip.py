@@ -1,0 +1,152 @@
+"""The CLIP stage: contrastive loss, retrieval metrics, tokenizer, model loading and the export."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import compose_config
+from omegaconf import OmegaConf
+
+from dalle_lightning.data.datamodule import ShapesDataModule
+from dalle_lightning.errors import UserError
+from dalle_lightning.export import load_clip_export, write_export
+from dalle_lightning.metrics.retrieval import RetrievalMetrics
+from dalle_lightning.models.clip import build_clip, encode_images, encode_texts
+from dalle_lightning.models.tokenizer import load_tokenizer, train_bpe
+from dalle_lightning.stages.clip import ClipModule, ContrastiveLoss
+
+
+@pytest.fixture(scope="module")
+def tokenizer(shapes_root):
+    dm = ShapesDataModule(str(shapes_root), num_train=1200, num_val=256, samples_per_shard=400, image_size=32)
+    return train_bpe(dm.captions(1200), vocab_size=512, context_length=24)
+
+
+@pytest.fixture(scope="module")
+def fixed_batch(shapes_root, tokenizer):
+    dm = ShapesDataModule(
+        str(shapes_root),
+        num_train=1200,
+        num_val=256,
+        samples_per_shard=400,
+        image_size=32,
+        batch_size=32,
+        samples_per_epoch=32,
+        num_workers=0,
+        tokenizer=tokenizer,
+    )
+    dm.setup("fit")
+    return dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
+
+
+def make_module(tmp_path, tokenizer, overrides=()):
+    cfg = compose_config(["scheduler=constant", *overrides], tmp_path)
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    return ClipModule(plain["model"]["clip"], plain["optim"], None, tokenizer)
+
+
+def test_loss_falls_on_a_fixed_batch(tmp_path, tokenizer, fixed_batch):
+    torch.manual_seed(0)
+    module = make_module(tmp_path, tokenizer, ["optim.lr=3e-4"])
+    optimizer = module.configure_optimizers()["optimizer"]
+    losses = []
+    for _ in range(40):
+        loss, _, _ = module._loss(fixed_batch, gather=None)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_contrastive_loss_is_clips_symmetric_cross_entropy():
+    torch.manual_seed(0)
+    image, text = F.normalize(torch.randn(6, 8), dim=-1), F.normalize(torch.randn(6, 8), dim=-1)
+    scale = torch.tensor(10.0)
+    labels = torch.arange(6)
+    expected = (F.cross_entropy(scale * image @ text.T, labels) + F.cross_entropy(scale * text @ image.T, labels)) / 2
+    ours = ContrastiveLoss()(image, text, scale)
+    assert torch.allclose(ours, expected, atol=1e-6)
+
+
+def test_retrieval_metrics_on_known_features():
+    groups = torch.tensor([0, 0, 1, 2, 3, 4])
+    basis = torch.eye(8)
+    text = basis[groups]
+    metric = RetrievalMetrics()
+    metric.update(text.clone(), text, groups, groups + 10, torch.tensor([False, False, False, True, True, True]))
+    scores = metric.compute()
+    # Every text finds an image of its group, even where two images share it.
+    assert scores["t2i_r1"] == 1 and scores["i2t_r1"] == 1 and scores["zeroshot_acc"] == 1
+    assert {"t2i_r1_heldout", "t2i_r1_seen", "t2i_r5"} <= set(scores)
+    metric.reset()
+    metric.update(basis[torch.tensor([1, 2, 3, 4, 5, 0])], text, groups, groups + 10, torch.zeros(6, dtype=torch.bool))
+    assert metric.compute()["t2i_r1"] == 0
+
+
+def test_bpe_tokenizer_pools_at_eos_and_takes_any_text(tokenizer, tmp_path):
+    assert tokenizer.eos_token_id != 2  # transformers' CLIP treats eos id 2 as the legacy (argmax) layout
+    ids = tokenizer(
+        ["a red circle", "\u2603\u00e9\U0001f600 x" * 30],
+        padding="max_length",
+        truncation=True,
+        max_length=24,
+        return_tensors="pt",
+    )["input_ids"]
+    assert ids.shape == (2, 24)
+    assert ids[1, -1] == tokenizer.eos_token_id  # truncated, still ends in EOS
+    assert ids[0, 0] == tokenizer.bos_token_id
+    tokenizer.save_pretrained(str(tmp_path))
+    assert load_tokenizer(tmp_path)("a red circle")["input_ids"] == tokenizer("a red circle")["input_ids"]
+
+
+def test_export_round_trip_and_one_line_errors(tmp_path, tokenizer, fixed_batch):
+    torch.manual_seed(0)
+    module = make_module(tmp_path, tokenizer).eval()
+    export = write_export(tmp_path / "export" / "clip", "clip", module.export, config={"stage": "clip"})
+    assert {"model.safetensors", "config.json", "tokenizer.json", "dalle_lightning.json"} <= {
+        p.name for p in export.iterdir()
+    }
+    model, loaded_tokenizer = load_clip_export(export)
+    with torch.no_grad():
+        ours = module(fixed_batch["image"], fixed_batch["input_ids"], fixed_batch["attention_mask"])
+        theirs = (
+            encode_images(model, fixed_batch["image"]),
+            encode_texts(model, fixed_batch["input_ids"], fixed_batch["attention_mask"]),
+        )
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ours, theirs))
+    assert loaded_tokenizer("a red circle")["input_ids"] == tokenizer("a red circle")["input_ids"]
+
+    with pytest.raises(UserError) as missing:
+        load_clip_export(tmp_path / "nowhere")
+    assert "stage.clip_export" in str(missing.value) and "\n" not in str(missing.value)
+    (export / "dalle_lightning.json").write_text(json.dumps({"stage": "prior"}))
+    with pytest.raises(UserError, match="is a prior export, not a clip export"):
+        load_clip_export(export)
+
+
+def test_pretrained_clip_loads_with_from_pretrained(tmp_path, tokenizer):
+    torch.manual_seed(0)
+    source = make_module(tmp_path, tokenizer).model
+    source.save_pretrained(str(tmp_path / "pretrained"))
+    tokenizer.save_pretrained(str(tmp_path / "pretrained"))
+    loaded = build_clip({"pretrained": str(tmp_path / "pretrained")})
+    assert torch.equal(loaded.visual_projection.weight, source.visual_projection.weight)
+    with pytest.raises(UserError, match=r"model\.clip\.pretrained"):
+        build_clip({"pretrained": str(tmp_path / "missing")})
+
+
+def test_export_replaces_atomically(tmp_path):
+    target = tmp_path / "clip"
+    write_export(target, "clip", lambda p: (p / "a.txt").write_text("old"))
+
+    def crash(path):
+        (path / "a.txt").write_text("half")
+        raise RuntimeError("killed while exporting")
+
+    with pytest.raises(RuntimeError):
+        write_export(target, "clip", crash)
+    assert (target / "a.txt").read_text() == "old"  # the previous export is untouched

@@ -1,0 +1,86 @@
+"""The real `python train.py` on Shapes shards: wandb offline, checkpoints, export, resume and multirun."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAST_CLIP, run_train, shapes_overrides
+
+pytestmark = pytest.mark.slow
+
+
+def _common(tmp_path: Path, shapes_root: Path) -> list[str]:
+    return [
+        *FAST_CLIP,
+        *shapes_overrides(shapes_root),
+        f"paths.log_dir={tmp_path}/outputs",
+        f"paths.export_dir={tmp_path}/export",
+    ]
+
+
+def _csv_losses(run_dir: Path) -> dict[int, float]:
+    (metrics,) = run_dir.glob("csv/version_*/metrics.csv")
+    with metrics.open() as f:
+        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+
+
+def test_clip_trains_logs_offline_to_wandb_and_exports(tmp_path, shapes_root):
+    result = run_train([*_common(tmp_path, shapes_root), "logger=wandb", "run_name=first"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "outputs" / "clip" / "runs" / "first"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert 0.0 <= metrics["val/t2i_r1"] <= 1.0 and metrics["train/loss"] > 0
+    assert "data/skipped/corrupt_image" in metrics
+    assert list(run.glob("wandb/offline-run-*/files/media/*")) or list(run.glob("wandb/offline-run-*/run-*.wandb"))
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert checkpoint["global_step"] == 6
+    export = tmp_path / "export" / "clip"
+    manifest = json.loads((export / "dalle_lightning.json").read_text())
+    assert manifest["stage"] == "clip" and manifest["config"]["model"]["clip"]["image_size"] == 32
+    assert (export / "model.safetensors").stat().st_size > 100_000
+
+
+def test_resume_from_last_continues_the_run(tmp_path, shapes_root):
+    first = run_train([*_common(tmp_path, shapes_root), "logger=csv", "run_name=a"], tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_train(
+        [*_common(tmp_path, shapes_root), "logger=csv", "run_name=b", "ckpt_path=last", "trainer.max_steps=10"],
+        tmp_path,
+    )
+    assert second.returncode == 0, second.stderr[-3000:]
+    runs = tmp_path / "outputs" / "clip" / "runs"
+    before, after = _csv_losses(runs / "a"), _csv_losses(runs / "b")
+    assert max(before) == 5 and min(after) == 6 and max(after) == 9  # steps continue, not restart
+    # The resumed model is the trained one: its loss is near where the first run ended, not back at the start.
+    assert after[6] < before[0] - 0.2 * (before[0] - before[5])
+    checkpoint = torch.load(runs / "b" / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert checkpoint["global_step"] == 10
+    assert (runs / "b" / "checkpoints" / "tokenizer" / "tokenizer.json").read_text() == (
+        runs / "a" / "checkpoints" / "tokenizer" / "tokenizer.json"
+    ).read_text()
+
+
+def test_multirun_over_two_values(tmp_path, shapes_root):
+    result = run_train(
+        [
+            "-m",
+            *_common(tmp_path, shapes_root),
+            "logger=none",
+            "run_name=sweep",
+            "optim.lr=1e-3,3e-3",
+            "callbacks.export=null",
+        ],
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep = tmp_path / "outputs" / "clip" / "multiruns" / "sweep"
+    jobs = sorted(p.parent for p in sweep.glob("*/metrics.json"))
+    assert [p.name for p in jobs] == ["0", "1"]
+    lrs = [json.loads((j / "metrics.json").read_text()) for j in jobs]
+    assert all("val/t2i_r1" in m for m in lrs)
+    overrides = [(j / ".hydra" / "overrides.yaml").read_text() for j in jobs]
+    assert "optim.lr=0.001" in overrides[0] and "optim.lr=0.003" in overrides[1]
