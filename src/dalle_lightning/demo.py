@@ -47,47 +47,57 @@ def train_stage(stage: str, extra: list[str] = ()) -> tuple[dict[str, float], fl
     return json.loads((run_dir / "metrics.json").read_text()), seconds, run_dir
 
 
-def clip_retrieval_grid(export: Path, path: Path, rows: int = 8, top: int = 5) -> None:
-    """Held-out val captions, each with the val images the trained CLIP ranks highest for it."""
+def evaluate_clip(export: Path, grid_path: Path, rows: int = 8, top: int = 5) -> dict[str, float]:
+    """Held-out text→image R@1 by scene kind (single / count / relation; gallery: the whole val set), and a
+    picture: held-out captions, each with the val images the trained CLIP ranks highest for it."""
     from dalle_lightning.data.datamodule import ShapesDataModule
     from dalle_lightning.export import load_clip_export
+    from dalle_lightning.metrics.retrieval import RetrievalMetrics
     from dalle_lightning.models.clip import encode_images, encode_texts
     from dalle_lightning.visualize import captioned_grid
 
     model, tokenizer = load_clip_export(export)
     dm = ShapesDataModule(
         str(SHAPES_DIR),
-        **{k: v for k, v in SHAPES_ARGS.items() if k != "size" and k != "seed"},
+        num_train=SHAPES_ARGS["num_train"],
+        num_val=SHAPES_ARGS["num_val"],
+        samples_per_shard=SHAPES_ARGS["samples_per_shard"],
         image_size=model.config.vision_config.image_size,
         batch_size=250,
         num_workers=0,
-        val_samples=500,
+        val_samples=SHAPES_ARGS["num_val"],
         tokenizer=tokenizer,
-        context_length=tokenizer.model_max_length,
     )
     dm.setup("validate")
     batches = [dm.on_after_batch_transfer(b, 0) for b in dm.val_dataloader()]
-    images = torch.cat([b["image"] for b in batches])
+    cat = {
+        k: torch.cat([b[k] for b in batches])
+        for k in ("image", "input_ids", "attention_mask", "group_id", "caption_id", "heldout")
+    }
     captions = [c for b in batches for c in b["caption"]]
-    heldout = torch.cat([b["heldout"] for b in batches])
-    chosen, seen = [], set()
-    for i in heldout.nonzero().flatten().tolist():
-        if captions[i] not in seen and len(chosen) < rows:
-            chosen.append(i)
-            seen.add(captions[i])
-    tokens = tokenizer(
-        [captions[i] for i in chosen],
-        padding="max_length",
-        truncation=True,
-        max_length=tokenizer.model_max_length,
-        return_tensors="pt",
-    )
+    kinds = [m.get("kind", "") for b in batches for m in b["meta"]]
     with torch.no_grad():
-        image_features = torch.cat([encode_images(model, chunk) for chunk in images.split(250)])
-        text_features = encode_texts(model, tokens["input_ids"], tokens["attention_mask"])
-    ranked = (text_features @ image_features.T).topk(top, dim=1).indices
-    grid = captioned_grid([(f"{captions[i]} (held-out)", [images[j] for j in ranked[r]]) for r, i in enumerate(chosen)])
-    grid.save(path)
+        images = torch.cat([encode_images(model, x) for x in cat["image"].split(250)])
+        texts = encode_texts(model, cat["input_ids"], cat["attention_mask"])
+    # Queries of each kind against the whole val gallery.
+    metric = RetrievalMetrics()
+    scores: dict[str, float] = {}
+    for kind in sorted(set(kinds)):
+        of_kind = torch.tensor([k == kind for k in kinds])
+        metric.update(images, texts, cat["group_id"], cat["caption_id"], cat["heldout"] & of_kind)
+        scores[f"r1_heldout_{kind}"] = metric.compute()["t2i_r1_heldout"].item()
+        metric.reset()
+
+    chosen = []
+    for i in cat["heldout"].nonzero().flatten().tolist():
+        if captions[i] not in {captions[j] for j in chosen} and len(chosen) < rows:
+            chosen.append(i)
+    ranked = (texts[chosen] @ images.T).topk(top, dim=1).indices
+    grid = captioned_grid(
+        [(f"{captions[i]} (held-out)", [cat["image"][j] for j in ranked[r]]) for r, i in enumerate(chosen)]
+    )
+    grid.save(grid_path)
+    return scores
 
 
 def machine() -> dict[str, Any]:
@@ -142,7 +152,7 @@ def main() -> None:
         "train_loss": clip_metrics["train/loss"],
     }
     grid = OUT / "clip_retrieval_heldout.png"
-    clip_retrieval_grid(OUT / "export" / "clip", grid)
+    clip.update(evaluate_clip(OUT / "export" / "clip", grid))
 
     times["total_s"] = time.perf_counter() - total_start + times["install_s"]
     wandb_runs = sorted(str(p) for p in (OUT / "runs").glob("*/wandb/offline-run-*"))

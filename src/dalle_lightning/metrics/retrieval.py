@@ -13,8 +13,12 @@ from torchmetrics.utilities import dim_zero_cat
 
 
 class RetrievalMetrics(Metric):
-    """R@K both ways and zero-shot accuracy (each image classified among the distinct captions), computed
-    on all samples and separately on `heldout` ones and seen ones when both are present."""
+    """R@K both ways and zero-shot accuracy (each image classified among the distinct captions).
+
+    The gallery is always the whole set; queries are all items, and separately the `heldout` ones and the
+    seen ones when both are present, so the held-out figures say how well novel combinations are found
+    among everything.
+    """
 
     full_state_update = False
 
@@ -25,12 +29,7 @@ class RetrievalMetrics(Metric):
             self.add_state(name, default=[], dist_reduce_fx="cat")
 
     def update(
-        self,
-        image: torch.Tensor,
-        text: torch.Tensor,
-        group: torch.Tensor,
-        caption: torch.Tensor,
-        heldout: torch.Tensor,
+        self, image: torch.Tensor, text: torch.Tensor, group: torch.Tensor, caption: torch.Tensor, heldout: torch.Tensor
     ) -> None:
         self.image.append(image.float())
         self.text.append(text.float())
@@ -40,44 +39,31 @@ class RetrievalMetrics(Metric):
 
     def compute(self) -> dict[str, torch.Tensor]:
         image, text = dim_zero_cat(self.image), dim_zero_cat(self.text)
-        group, caption, heldout = (
-            dim_zero_cat(self.group),
-            dim_zero_cat(self.caption),
-            dim_zero_cat(self.heldout),
-        )
-        subsets = {"": torch.ones_like(heldout, dtype=torch.bool)}
-        if heldout.any() and not heldout.all():
-            subsets.update({"_heldout": heldout.bool(), "_seen": ~heldout.bool()})
-        out: dict[str, torch.Tensor] = {}
-        for suffix, mask in subsets.items():
-            out.update(
-                {
-                    f"{k}{suffix}": v
-                    for k, v in self._scores(image[mask], text[mask], group[mask], caption[mask]).items()
-                }
-            )
-        return out
-
-    def _scores(self, image, text, group, caption) -> dict[str, torch.Tensor]:
-        sim = text @ image.T  # (queries: texts, gallery: images)
+        group, caption, heldout = dim_zero_cat(self.group), dim_zero_cat(self.caption), dim_zero_cat(self.heldout)
+        heldout = heldout.bool()
+        sim = text @ image.T  # rows: text queries, columns: the image gallery
         same = group[:, None] == group[None, :]
-        scores = {}
+        hits: dict[str, torch.Tensor] = {}
         for k in self.ks:
             k_eff = min(k, sim.shape[1])
-            top_t2i = sim.topk(k_eff, dim=1).indices
-            top_i2t = sim.T.topk(k_eff, dim=1).indices
-            scores[f"t2i_r{k}"] = same.gather(1, top_t2i).any(1).float().mean()
-            scores[f"i2t_r{k}"] = same.T.gather(1, top_i2t).any(1).float().mean()
+            hits[f"t2i_r{k}"] = same.gather(1, sim.topk(k_eff, dim=1).indices).any(1)
+            hits[f"i2t_r{k}"] = same.T.gather(1, sim.T.topk(k_eff, dim=1).indices).any(1)
         # Zero-shot: each image against one text per distinct caption.
-        _, first = _unique_first(caption)
+        first = _first_occurrences(caption)
         predicted = first[(image @ text[first].T).argmax(1)]
-        scores["zeroshot_acc"] = (group[predicted] == group).float().mean()
-        return scores
+        hits["zeroshot_acc"] = group[predicted] == group
+        subsets = {"": torch.ones_like(heldout)}
+        if heldout.any() and not heldout.all():
+            subsets.update({"_heldout": heldout, "_seen": ~heldout})
+        return {
+            f"{name}{suffix}": hit[mask].float().mean()
+            for name, hit in hits.items()
+            for suffix, mask in subsets.items()
+        }
 
 
-def _unique_first(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Distinct values and the index of each one's first occurrence."""
+def _first_occurrences(values: torch.Tensor) -> torch.Tensor:
+    """The index of the first occurrence of each distinct value."""
     unique, inverse = torch.unique(values, return_inverse=True)
     positions = torch.arange(values.numel(), device=values.device)
-    first = torch.full_like(unique, values.numel()).scatter_reduce(0, inverse, positions, reduce="amin")
-    return unique, first
+    return torch.full_like(unique, values.numel()).scatter_reduce(0, inverse, positions, reduce="amin")
