@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compose_config
 from omegaconf import OmegaConf
 
+from conftest import compose_config
 from dalle_lightning.data.datamodule import ShapesDataModule
 from dalle_lightning.errors import UserError
 from dalle_lightning.export import load_clip_export, write_export

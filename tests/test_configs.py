@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from conftest import compose_config, run_train
 from hydra.utils import instantiate
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from omegaconf import OmegaConf
+
+from conftest import compose_config, run_train
 
 STAGES = ["clip", "prior", "decoder", "upsampler"]
 NO_DATA = "data.root=/nowhere/shapes"  # these errors must come before any data is touched

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from conftest import compose_config
 from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 
+from conftest import compose_config
 from dalle_lightning.models.tokenizer import train_bpe
 from dalle_lightning.stages.clip import ClipModule
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from conftest import FAST_CLIP, run_train, shapes_overrides
 
 pytestmark = pytest.mark.slow

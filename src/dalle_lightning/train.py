@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from dalle_lightning.callbacks import ExportCallback
@@ -78,8 +78,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         log.info("metrics: %s", json.dumps(metrics, sort_keys=True))
-    if os.environ.get("WANDB_MODE") != "disabled":
-        for logger in loggers:
-            if hasattr(logger, "experiment") and hasattr(logger.experiment, "finish"):
-                logger.experiment.finish()
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):  # so the next job of a multirun starts its own wandb run
+            logger.experiment.finish()
     return metrics

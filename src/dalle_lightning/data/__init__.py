@@ -1,0 +1,1 @@
+"""Data sets, shards and loaders."""

@@ -1,0 +1,159 @@
+"""Safe decoding of img2dataset samples.
+
+Only the members a stage asks for are ever read (images, text, json, npy without pickle); nothing in a
+shard is unpickled, whatever its extension. Pillow's decompression-bomb guard stays on, and a sample that
+cannot be used raises `SkipSample` with a short reason that the pipeline counts.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import ftfy
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+# Every reason a sample or shard can be skipped for; logged as data/skipped/<reason>. A fixed list, so
+# that every rank logs the same keys (a key logged on one rank only would hang a synced log).
+SKIP_REASONS = (
+    "bad_shard",
+    "missing_image",
+    "corrupt_image",
+    "decompression_bomb",
+    "too_small",
+    "missing_caption",
+    "bad_caption_encoding",
+    "empty_caption",
+    "missing_npy",
+    "pickled_npy",
+    "corrupt_npy",
+)
+
+
+class SkipSample(Exception):
+    """A sample that cannot be used; `reason` is a short identifier (logged as data/skipped/<reason>)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class SkipCounter:
+    """Counts skipped samples by reason inside one data-loader worker; `pop()` hands over what is new."""
+
+    counts: Counter = field(default_factory=Counter)
+
+    def add(self, reason: str) -> None:
+        self.counts[reason] += 1
+
+    def pop(self) -> dict[str, int]:
+        new, self.counts = dict(self.counts), Counter()
+        return new
+
+
+def decode_image(data: bytes, size: int, min_size: int, random_crop: bool = False, rng=None) -> np.ndarray:
+    """Decode image bytes to a `size`×`size`×3 uint8 RGB array: shorter side resized to `size`, then cropped.
+
+    JPEGs are decoded in draft mode straight at (at least) the target size, which skips most of the IDCT
+    work for large images. Images whose shorter side is below `min_size` are skipped as too small.
+    """
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns above MAX_IMAGE_PIXELS and raises above twice that; treat both as a bomb.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            if min(image.size) < min_size:
+                raise SkipSample("too_small")
+            if image.format == "JPEG":
+                scale = min(image.size) / size
+                image.draft("RGB", (max(1, int(image.size[0] / scale)), max(1, int(image.size[1] / scale))))
+            image.load()
+    except SkipSample:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise SkipSample("decompression_bomb") from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise SkipSample("corrupt_image") from err
+    image = to_rgb(image)
+    width, height = image.size
+    scale = size / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    if (new_w, new_h) != (width, height):
+        image = image.resize((new_w, new_h), Image.BICUBIC, reducing_gap=3.0)
+    if random_crop and rng is not None:
+        left, top = rng.randint(0, new_w - size), rng.randint(0, new_h - size)
+    else:
+        left, top = (new_w - size) // 2, (new_h - size) // 2
+    return np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any Pillow mode (grayscale, palette, alpha, CMYK, 16-bit) to RGB; transparency onto white."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = array.max() or 1.0
+        return Image.fromarray((array / peak * 255).astype(np.uint8)).convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+_WHITESPACE = re.compile(r"\s+")
+
+
+def decode_caption(data: bytes | None) -> str:
+    """UTF-8 caption, mojibake fixed, whitespace collapsed; missing, undecodable or empty is skipped."""
+    if data is None:
+        raise SkipSample("missing_caption")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise SkipSample("bad_caption_encoding") from err
+    text = _WHITESPACE.sub(" ", ftfy.fix_text(text)).strip()
+    if not text:
+        raise SkipSample("empty_caption")
+    return text
+
+
+def decode_json(data: bytes | None) -> dict[str, Any]:
+    """Sample metadata; absent or malformed metadata is an empty dict (it is optional in img2dataset)."""
+    if not data:
+        return {}
+    try:
+        value = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def decode_npy(data: bytes) -> np.ndarray:
+    """A `.npy` member, refusing object arrays: `allow_pickle=False` means no code can run."""
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except ValueError as err:  # numpy raises ValueError for pickled (object) arrays
+        raise SkipSample("pickled_npy") from err
+    except OSError as err:
+        raise SkipSample("corrupt_npy") from err
+
+
+def image_member(sample: dict[str, Any]) -> bytes:
+    """The sample's image bytes, from the first image extension present."""
+    for ext in IMAGE_EXTENSIONS:
+        if ext in sample:
+            return sample[ext]
+    raise SkipSample("missing_image")
