@@ -48,7 +48,11 @@ class StageModule(L.LightningModule):
         return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     def configure_optimizers(self) -> dict[str, Any]:
-        extra = {"fused": True} if self.device.type == "cuda" else {}
+        extra = {}
+        if self.device.type == "cuda":
+            # Lightning refuses gradient clipping with a fused optimizer under mixed precision; foreach is
+            # the fastest path that allows it.
+            extra = {"foreach": True} if self.trainer.gradient_clip_val else {"fused": True}
         optimizer = instantiate(self.optim_config)(self.parameter_groups(), **extra)
         if self.scheduler_config is None:
             return {"optimizer": optimizer}
