@@ -286,3 +286,13 @@ def test_datamodule_batches_from_shards(shapes_root):
 def test_datamodule_rejects_a_bad_image_size():
     with pytest.raises(UserError, match="image_size"):
         ShardDataModule("x.tar", image_size=4)
+
+
+def test_pipe_sources_stream_through_the_pipeline(tmp_path):
+    # The same path a `pipe:aws s3 cp s3://... -` source takes, with a command that exists everywhere.
+    write_tar(tmp_path / "a.tar", {**good("k1"), **good("k2")})
+    urls = expand_shards(f"pipe:cat {tmp_path}/a.tar")
+    batches = list(eval_pipeline(urls, SampleDecoder(32, 16), batch_size=8, limit=None))
+    assert [k for b in batches for k in b["key"]] == ["k1", "k2"]
+    failing = list(eval_pipeline([f"pipe:cat {tmp_path}/missing.tar"], SampleDecoder(32, 16), 8, None))
+    assert failing == []  # a failing command is a bad shard, skipped; the stream goes on
