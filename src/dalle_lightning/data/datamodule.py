@@ -12,6 +12,7 @@ from typing import Any
 import lightning as L
 import torch
 import webdataset as wds
+from lightning.pytorch.accelerators import CUDAAccelerator
 from torch.utils.data import DataLoader
 
 from dalle_lightning.data import shapes
@@ -83,18 +84,15 @@ class ShardDataModule(L.LightningDataModule):
     def captions(self, limit: int) -> Iterator[str]:
         """Up to `limit` training captions in shard order (reads only the text members), e.g. for a tokenizer."""
         self.prepare_data()
-        urls = expand_shards(self._train_source(), "data.train_shards")
+        self.setup("fit")
         decoder = SampleDecoder(image_size=None, min_image_size=1)
         pipeline = wds.DataPipeline(
-            wds.SimpleShardList(urls),
+            wds.SimpleShardList(self.train_urls),
             wds.tarfile_to_samples(handler=decoder.handler, select_files=lambda name: name.endswith(".txt")),
             decoder.samples,
         )
         for sample in itertools.islice(pipeline, limit):
             yield sample["caption"]
-
-    def _train_source(self) -> str | Sequence[str] | None:
-        return self.train_shards
 
     @property
     def world_size(self) -> int:
@@ -118,7 +116,7 @@ class ShardDataModule(L.LightningDataModule):
         )
 
     def _loader(self, pipeline, num_workers: int) -> DataLoader:
-        on_gpu = self.trainer is not None and self.trainer.accelerator.__class__.__name__ == "CUDAAccelerator"
+        on_gpu = self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator)
         return DataLoader(
             pipeline,
             batch_size=None,
@@ -186,6 +184,3 @@ class ShapesDataModule(ShardDataModule):
         self.train_shards = manifest["shards"]["train"]
         self.val_shards = manifest["shards"]["val"]
         super().setup(stage)
-
-    def _train_source(self) -> str:
-        return shapes.build(self.root, **self.build_args)["shards"]["train"]
