@@ -80,3 +80,29 @@ FAST_CLIP = [
     "data.num_workers=0",
     "scheduler.warmup_steps=2",
 ]
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_export(shapes_root, tmp_path_factory) -> Path:
+    """A CLIP export of the tiny preset (random weights, BPE trained on the small Shapes captions)."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from dalle_lightning.data.datamodule import ShapesDataModule
+    from dalle_lightning.export import write_export
+    from dalle_lightning.models.tokenizer import train_bpe
+    from dalle_lightning.stages.clip import ClipModule
+
+    tmp = tmp_path_factory.mktemp("clip_export")
+    cfg = OmegaConf.to_container(compose_config(["scheduler=constant"], tmp), resolve=True)
+    dm = ShapesDataModule(
+        str(shapes_root),
+        num_train=SMALL_SHAPES["num_train"],
+        num_val=SMALL_SHAPES["num_val"],
+        samples_per_shard=SMALL_SHAPES["samples_per_shard"],
+        image_size=32,
+    )
+    tokenizer = train_bpe(dm.captions(1200), vocab_size=400, context_length=24)
+    torch.manual_seed(0)
+    module = ClipModule(cfg["model"]["clip"], cfg["optim"], None, tokenizer)
+    return write_export(tmp / "clip", "clip", module.export)

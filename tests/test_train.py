@@ -101,3 +101,66 @@ def test_two_process_ddp_run_of_train_py(tmp_path, shapes_root):
     assert checkpoint["global_step"] == 6
     assert "val/t2i_r1" in json.loads((run / "metrics.json").read_text())
     assert (tmp_path / "export" / "clip" / "model.safetensors").exists()
+
+
+def test_embed_then_train_the_prior(tmp_path, shapes_root, tiny_clip_export):
+    """embed.py over Shapes shards, then train.py stage=prior on the result; a CLIP of another width is refused."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, compose_config
+
+    manifest = json.loads((shapes_root / "manifest.json").read_text())
+    env_run = dict(cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    for split in ("train", "val"):
+        embed = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "embed.py"),
+                f"clip_export={tiny_clip_export}",
+                f"shards='{manifest['shards'][split]}'",
+                f"output_dir={tmp_path}/emb/{split}",
+                "num_workers=0",
+            ],
+            **env_run,
+        )
+        assert embed.returncode == 0, embed.stderr[-3000:]
+    prior_args = [
+        "stage=prior",
+        f"stage.clip_export={tiny_clip_export}",
+        "trainer=cpu",
+        "trainer.max_steps=8",
+        "trainer.max_epochs=-1",
+        "data.batch_size=64",
+        "data.samples_per_epoch=256",
+        "data.val_samples=128",
+        "data.num_workers=0",
+        "model.prior.sample_steps=4",
+        "scheduler.warmup_steps=2",
+        f"data.train_shards='{tmp_path}/emb/train/*.tar'",
+        f"data.val_shards='{tmp_path}/emb/val/*.tar'",
+        f"paths.log_dir={tmp_path}/outputs",
+        f"paths.export_dir={tmp_path}/export",
+        "logger=csv",
+        "run_name=prior",
+    ]
+    result = run_train(prior_args, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "outputs" / "prior" / "runs" / "prior" / "metrics.json").read_text())
+    assert -1 <= metrics["val/cos_sampled"] <= 1 and "val/cos_text_baseline_heldout" in metrics
+    assert (tmp_path / "export" / "prior" / "prior" / "diffusion_pytorch_model.safetensors").exists()
+
+    # A CLIP export of another embedding width than the shards: one line naming both widths.
+    from omegaconf import OmegaConf
+
+    from dalle_lightning.export import write_export
+    from dalle_lightning.models.tokenizer import load_tokenizer
+    from dalle_lightning.stages.clip import ClipModule
+
+    cfg = OmegaConf.to_container(compose_config(["model.clip.projection_dim=64"], tmp_path), resolve=True)
+    narrow = ClipModule(cfg["model"]["clip"], cfg["optim"], None, load_tokenizer(tiny_clip_export))
+    other = write_export(tmp_path / "clip64", "clip", narrow.export)
+    result = run_train([*prior_args, f"stage.clip_export={other}", "run_name=mismatch"], tmp_path)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
+    assert "128-wide" in lines[0] and "64-wide" in lines[0]

@@ -100,6 +100,28 @@ def evaluate_clip(export: Path, grid_path: Path, rows: int = 8, top: int = 5) ->
     return scores
 
 
+def embed_shapes(clip_export: Path) -> dict[str, str]:
+    """Embedding shards of the Shapes train and val splits, by the real `embed.py` (resumable: a rerun with
+    the same export redoes nothing; a new export gets a fresh folder)."""
+    manifest = json.loads((SHAPES_DIR / "manifest.json").read_text())
+    out = OUT / "embeddings"
+    shutil.rmtree(out, ignore_errors=True)  # the CLIP was just retrained: old embeddings are stale
+    patterns = {}
+    for split in ("train", "val"):
+        command = [
+            sys.executable,
+            str(ROOT / "embed.py"),
+            f"clip_export={clip_export}",
+            f"shards='{manifest['shards'][split]}'",
+            f"output_dir={out / split}",
+            f"hydra.run.dir={OUT / 'runs' / f'embed_{split}'}",
+        ]
+        print(f"\n=== embed {split}: {' '.join(command[1:])}", flush=True)
+        subprocess.run(command, cwd=ROOT, check=True)
+        patterns[split] = str(out / split / f"{split}-*.tar")
+    return patterns
+
+
 def machine() -> dict[str, Any]:
     cpu = platform.processor()
     cpuinfo = Path("/proc/cpuinfo")
@@ -154,10 +176,31 @@ def main() -> None:
     grid = OUT / "clip_retrieval_heldout.png"
     clip.update(evaluate_clip(OUT / "export" / "clip", grid))
 
+    start = time.perf_counter()
+    embeddings = embed_shapes(OUT / "export" / "clip")
+    prior_metrics, prior_train_s, prior_run = train_stage(
+        "prior",
+        [
+            f"stage.clip_export={OUT / 'export' / 'clip'}",
+            f"data.train_shards='{embeddings['train']}'",
+            f"data.val_shards='{embeddings['val']}'",
+        ],
+    )
+    times["prior_s"] = time.perf_counter() - start
+    prior = {
+        "cos_sampled": prior_metrics["val/cos_sampled_heldout"],
+        "cos_text_baseline": prior_metrics["val/cos_text_baseline_heldout"],
+        "cos_sampled_seen": prior_metrics["val/cos_sampled_seen"],
+        "cos_text_baseline_seen": prior_metrics["val/cos_text_baseline_seen"],
+        "retrieval_acc_heldout": prior_metrics["val/retrieval_acc_heldout"],
+        "train_s": prior_train_s,
+    }
+
     times["total_s"] = time.perf_counter() - total_start + times["install_s"]
     wandb_runs = sorted(str(p) for p in (OUT / "runs").glob("*/wandb/offline-run-*"))
     report = {
         "clip": clip,
+        "prior": prior,
         "times": times,
         "machine": machine(),
         "paths": {
@@ -165,6 +208,8 @@ def main() -> None:
             "clip_retrieval_grid": str(grid),
             "clip_export": str(OUT / "export" / "clip"),
             "clip_run": str(clip_run),
+            "prior_export": str(OUT / "export" / "prior"),
+            "prior_run": str(prior_run),
             "wandb_offline_runs": ", ".join(wandb_runs),
         },
     }

@@ -158,7 +158,8 @@ class SampleDecoder:
             batch["input_ids"] = tokens["input_ids"]
             batch["attention_mask"] = tokens["attention_mask"]
         for name in self.npy_fields:
-            batch[name] = torch.from_numpy(np.stack([s[name] for s in samples]).astype(np.float32))
+            stacked = np.stack([s[name] for s in samples])  # float16 embeddings become float32; ids stay ints
+            batch[name] = torch.from_numpy(stacked.astype(np.float32 if stacked.dtype.kind == "f" else np.int64))
         batch["skipped"] = self.counter.pop()
         return batch
 

@@ -1,0 +1,1 @@
+"""Diffusion pieces shared by the prior, decoder and upsampler: schedules, samplers, guidance."""

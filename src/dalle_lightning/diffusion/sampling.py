@@ -1,0 +1,64 @@
+"""Noise schedules and sampling loops over diffusers schedulers.
+
+Training uses a DDPM schedule (`add_noise`); sampling takes any diffusers scheduler built from the same
+betas (DPM-Solver++ with few steps by default, DDIM and DDPM too). Classifier-free guidance runs the
+conditional and unconditional passes as one batched forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from tqdm.auto import tqdm
+
+from dalle_lightning.errors import UserError
+
+SAMPLERS = {"dpmsolver++": DPMSolverMultistepScheduler, "ddim": DDIMScheduler, "ddpm": DDPMScheduler}
+
+
+def training_scheduler(
+    num_train_timesteps: int = 1000, beta_schedule: str = "squaredcos_cap_v2", prediction_type: str = "sample"
+) -> DDPMScheduler:
+    """The forward process used in training (`prediction_type`: sample = x0, epsilon, v_prediction)."""
+    return DDPMScheduler(
+        num_train_timesteps=num_train_timesteps,
+        beta_schedule=beta_schedule,
+        prediction_type=prediction_type,
+        clip_sample=False,
+    )
+
+
+def sampling_scheduler(name: str, train: DDPMScheduler, steps: int):
+    """A sampler named `name` over the training schedule's betas, set to `steps` steps."""
+    if name not in SAMPLERS:
+        raise UserError(f"sampler '{name}' is unknown: use one of {', '.join(SAMPLERS)}")
+    scheduler = SAMPLERS[name].from_config(train.config)
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+def guided_sample(
+    denoise: Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor],
+    noise: torch.Tensor,
+    scheduler,
+    guidance_scale: float = 1.0,
+    progress: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Run `scheduler` from `noise` (seeded by `generator`). `denoise(x, t, with_uncond)` returns the model
+    output for x, or for [x, x] (conditional then unconditional halves) when `with_uncond`, so guidance is
+    one forward pass."""
+    x = noise * scheduler.init_noise_sigma
+    guide = guidance_scale != 1.0
+    for t in tqdm(scheduler.timesteps, disable=not progress, desc="sampling", leave=False):
+        model_input = scheduler.scale_model_input(x, t)
+        if guide:
+            conditional, unconditional = denoise(torch.cat([model_input, model_input]), t, True).chunk(2)
+            output = unconditional + guidance_scale * (conditional - unconditional)
+        else:
+            output = denoise(model_input, t, False)
+        # The generator also seeds the fresh noise of stochastic samplers (DDPM), so a seed fixes the result.
+        x = scheduler.step(output, t, x, generator=generator).prev_sample
+    return x
