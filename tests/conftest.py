@@ -82,26 +82,55 @@ FAST_CLIP = [
 ]
 
 
+def small_shapes(root: Path, **kwargs):
+    """A ShapesDataModule over the session's small build (same parameters, so nothing is re-rendered)."""
+    from dalle_lightning.data.datamodule import ShapesDataModule
+
+    return ShapesDataModule(
+        str(root),
+        num_train=SMALL_SHAPES["num_train"],
+        num_val=SMALL_SHAPES["num_val"],
+        samples_per_shard=SMALL_SHAPES["samples_per_shard"],
+        **kwargs,
+    )
+
+
+def write_tar(path: Path, members: dict[str, bytes]) -> Path:
+    """A tar shard with exactly these members (name → bytes)."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+class Detonator:
+    """Unpickling this writes a file: proof that code ran."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path(self.marker).write_text, ("pwned",))
+
+
 @pytest.fixture(scope="session")
 def tiny_clip_export(shapes_root, tmp_path_factory) -> Path:
     """A CLIP export of the tiny preset (random weights, BPE trained on the small Shapes captions)."""
     import torch
     from omegaconf import OmegaConf
 
-    from dalle_lightning.data.datamodule import ShapesDataModule
     from dalle_lightning.export import write_export
     from dalle_lightning.models.tokenizer import train_bpe
     from dalle_lightning.stages.clip import ClipModule
 
     tmp = tmp_path_factory.mktemp("clip_export")
     cfg = OmegaConf.to_container(compose_config(["scheduler=constant"], tmp), resolve=True)
-    dm = ShapesDataModule(
-        str(shapes_root),
-        num_train=SMALL_SHAPES["num_train"],
-        num_val=SMALL_SHAPES["num_val"],
-        samples_per_shard=SMALL_SHAPES["samples_per_shard"],
-        image_size=32,
-    )
+    dm = small_shapes(shapes_root, image_size=32)
     tokenizer = train_bpe(dm.captions(1200), vocab_size=400, context_length=24)
     torch.manual_seed(0)
     module = ClipModule(cfg["model"]["clip"], cfg["optim"], None, tokenizer)

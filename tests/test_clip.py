@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from conftest import compose_config
-from dalle_lightning.data.datamodule import ShapesDataModule
+from conftest import compose_config, small_shapes
 from dalle_lightning.errors import UserError
 from dalle_lightning.export import load_clip_export, write_export
 from dalle_lightning.metrics.retrieval import RetrievalMetrics
@@ -21,17 +20,14 @@ from dalle_lightning.stages.clip import ClipModule, ContrastiveLoss
 
 @pytest.fixture(scope="module")
 def tokenizer(shapes_root):
-    dm = ShapesDataModule(str(shapes_root), num_train=1200, num_val=256, samples_per_shard=400, image_size=32)
+    dm = small_shapes(shapes_root, image_size=32)
     return train_bpe(dm.captions(1200), vocab_size=512, context_length=24)
 
 
 @pytest.fixture(scope="module")
 def fixed_batch(shapes_root, tokenizer):
-    dm = ShapesDataModule(
-        str(shapes_root),
-        num_train=1200,
-        num_val=256,
-        samples_per_shard=400,
+    dm = small_shapes(
+        shapes_root,
         image_size=32,
         batch_size=32,
         samples_per_epoch=32,

@@ -6,13 +6,13 @@ import io
 import json
 import pickle
 import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from conftest import Detonator, write_tar
 from dalle_lightning.data.datamodule import ShardDataModule
 from dalle_lightning.data.decode import (
     SKIP_REASONS,
@@ -30,25 +30,6 @@ def jpeg_bytes(size=(48, 40), colour=(200, 30, 30), mode="RGB", fmt="JPEG") -> b
     buffer = io.BytesIO()
     Image.new(mode, size, colour).save(buffer, format=fmt)
     return buffer.getvalue()
-
-
-def write_tar(path: Path, members: dict[str, bytes]) -> Path:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
-
-
-class Detonator:
-    """Unpickling this writes a file: proof that code ran."""
-
-    def __init__(self, marker: str):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path(self.marker).write_text, ("pwned",))
 
 
 def good(key: str, caption: str = "a red circle") -> dict[str, bytes]:

@@ -14,18 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from conftest import ROOT, compose_config
-from dalle_lightning.data.datamodule import ShapesDataModule, ShardDataModule
+from conftest import ROOT, Detonator, write_tar
+from dalle_lightning.data.datamodule import ShardDataModule
 from dalle_lightning.data.decode import decode_image, image_member
 from dalle_lightning.data.shards import expand_shards
 from dalle_lightning.embed import SUMMARY, embed_shards, output_name
 from dalle_lightning.errors import UserError
-from dalle_lightning.export import load_clip_export, write_export
+from dalle_lightning.export import load_clip_export
 from dalle_lightning.models.clip import encode_images, encode_texts
-from dalle_lightning.models.tokenizer import train_bpe
-from dalle_lightning.stages.clip import ClipModule
 
 EMB_MEMBERS = ("img_emb.npy", "txt_emb.npy", "txt_ids.npy")
 SAMPLES_PER_SHARD = 40
@@ -41,14 +38,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def clip_export(shapes_root, tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("embed_clip")
-    cfg = OmegaConf.to_container(compose_config(["scheduler=constant"], tmp), resolve=True)
-    dm = ShapesDataModule(str(shapes_root), num_train=1200, num_val=256, samples_per_shard=400, image_size=32)
-    tokenizer = train_bpe(dm.captions(1200), vocab_size=400, context_length=24)
-    torch.manual_seed(0)
-    module = ClipModule(cfg["model"]["clip"], cfg["optim"], None, tokenizer)
-    return write_export(tmp / "clip", "clip", module.export)
+def clip_export(tiny_clip_export) -> Path:
+    return tiny_clip_export
 
 
 @pytest.fixture(scope="module")
@@ -72,25 +63,6 @@ def tar_members(path: Path | str) -> dict[str, bytes]:
 
 def load_npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
-
-
-def write_tar(path: Path, members: dict[str, bytes]) -> Path:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
-
-
-class Detonator:
-    """Unpickling this writes a file: proof that code ran."""
-
-    def __init__(self, marker: str):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path(self.marker).write_text, ("pwned",))
 
 
 def test_embedding_shards_hold_the_originals_and_the_embeddings(tmp_path, clip_export, train_shards):

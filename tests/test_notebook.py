@@ -10,8 +10,7 @@ import torch
 from nbclient import NotebookClient
 from omegaconf import OmegaConf
 
-from conftest import ROOT, compose_config
-from dalle_lightning.data.datamodule import ShapesDataModule
+from conftest import ROOT, compose_config, small_shapes
 from dalle_lightning.export import write_export
 from dalle_lightning.models.tokenizer import train_bpe
 from dalle_lightning.stages.clip import ClipModule
@@ -21,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 def test_clip_retrieval_notebook_runs(tmp_path, shapes_root, monkeypatch):
     cfg = OmegaConf.to_container(compose_config(["scheduler=constant"], tmp_path), resolve=True)
-    dm = ShapesDataModule(str(shapes_root), num_train=1200, num_val=256, samples_per_shard=400, image_size=32)
+    dm = small_shapes(shapes_root, image_size=32)
     tokenizer = train_bpe(dm.captions(1200), vocab_size=400, context_length=24)
     torch.manual_seed(0)
     module = ClipModule(cfg["model"]["clip"], cfg["optim"], None, tokenizer)

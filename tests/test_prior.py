@@ -6,8 +6,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import SMALL_SHAPES, compose_config
-from dalle_lightning.data.datamodule import ShapesDataModule
+from conftest import compose_config, small_shapes
 from dalle_lightning.errors import UserError
 from dalle_lightning.export import load_clip_export
 from dalle_lightning.models.clip import encode_images, encode_texts
@@ -18,11 +17,8 @@ from dalle_lightning.stages.prior import PriorModule
 def embedding_batch(shapes_root, tiny_clip_export):
     """Real Shapes samples embedded by the CLIP export, as the embedding shards would hold them."""
     clip, tokenizer = load_clip_export(tiny_clip_export)
-    dm = ShapesDataModule(
-        str(shapes_root),
-        num_train=SMALL_SHAPES["num_train"],
-        num_val=SMALL_SHAPES["num_val"],
-        samples_per_shard=SMALL_SHAPES["samples_per_shard"],
+    dm = small_shapes(
+        shapes_root,
         image_size=32,
         batch_size=32,
         samples_per_epoch=32,
