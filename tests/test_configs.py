@@ -24,6 +24,12 @@ def test_every_stage_composes_with_every_trainer(stage, trainer, tmp_path):
     assert resolved["trainer"]["precision"] in ("32-true", "bf16-mixed")
 
 
+@pytest.mark.parametrize("stage", STAGES)
+def test_each_demo_experiment_trains_its_own_stage(stage, tmp_path):
+    cfg = compose_config([f"experiment=demo/{stage}"], tmp_path)
+    assert cfg.stage.name == stage and f".stages.{stage}." in cfg.stage.module._target_
+
+
 @pytest.mark.parametrize("logger", ["wandb", "csv", "tensorboard", "none"])
 def test_logger_choices_compose(logger, tmp_path):
     cfg = compose_config([f"logger={logger}"], tmp_path)
@@ -58,7 +64,11 @@ def _one_error_line(result) -> str:
 @pytest.mark.parametrize(
     "overrides,expected",
     [
-        (["stage=decoder", NO_DATA], "stage=decoder is not implemented yet: the decoder stage lands with issue #5"),
+        (["stage=decoder", "stage.clip_export=/nowhere/clip", NO_DATA], "'/nowhere/clip' is not a clip export"),
+        (
+            ["stage=upsampler", "stage.clip_export=/nowhere/clip", NO_DATA],
+            "stage.clip_export='/nowhere/clip' is not a clip export",
+        ),
         (
             ["stage=prior", "data.train_shards=/nowhere.tar", "stage.clip_export=/nowhere/clip"],
             "stage.clip_export='/nowhere/clip' is not a clip export",

@@ -1,4 +1,5 @@
-"""Lightning callbacks of the project (Lightning's own cover checkpoints, LR monitor, EMA, progress)."""
+"""Lightning callbacks of the project (Lightning's own cover checkpoints, LR monitor, EMA, progress): the
+export at the end of fitting, and sample grids during validation."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.loggers import WandbLogger
 
 from dalle_lightning.export import write_export
+from dalle_lightning.visualize import captioned_grid
 
 log = logging.getLogger(__name__)
 
@@ -29,3 +32,45 @@ class ExportCallback(L.Callback):
         if trainer.is_global_zero and not trainer.interrupted and not trainer.sanity_checking:
             write_export(self.dirpath, self.stage, pl_module.export, self.config)
             log.info("exported %s to %s", self.stage, self.dirpath)
+
+
+class SampleGridCallback(L.Callback):
+    """Every `every_n_epochs` validation epochs, a captioned grid of samples for the first validation batch
+    (`pl_module.preview_rows(batch, num_rows)`: e.g. the real image beside reconstructions), made with the
+    weights validation uses (EMA, when on), saved as `<dirpath>/epoch<NNN>.png` and logged to wandb."""
+
+    def __init__(self, dirpath: str, every_n_epochs: int = 1, num_rows: int = 8):
+        self.dirpath = Path(dirpath)
+        self.every_n_epochs = every_n_epochs
+        self.num_rows = num_rows
+
+    def _due(self, trainer: L.Trainer) -> bool:
+        epoch = trainer.current_epoch + 1
+        last = trainer.max_epochs is not None and epoch == trainer.max_epochs
+        return not trainer.sanity_checking and self.every_n_epochs > 0 and (epoch % self.every_n_epochs == 0 or last)
+
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if batch_idx != 0 or dataloader_idx != 0 or not self._due(trainer):
+            return
+        # Every rank samples (sharded weights need all of them); rank zero saves and logs.
+        rows = pl_module.preview_rows(batch, self.num_rows)
+        if not trainer.is_global_zero:
+            return
+        grid = captioned_grid(rows)
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        path = self.dirpath / f"epoch{trainer.current_epoch:03d}.png"
+        grid.save(path)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(
+                    "samples", [grid], step=trainer.global_step, caption=[f"epoch {trainer.current_epoch}"]
+                )
+        log.info("sample grid: %s", path)

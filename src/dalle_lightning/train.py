@@ -42,8 +42,6 @@ def _instantiate_all(group: DictConfig | None) -> list[Any]:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the stage; write the export and `metrics.json`; return the final metrics."""
     stage = cfg.stage.name
-    if cfg.stage.get("not_implemented"):
-        raise UserError(f"stage={stage} is not implemented yet: {cfg.stage.not_implemented}")
     L.seed_everything(cfg.seed, workers=True)
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True

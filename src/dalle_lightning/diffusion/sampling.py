@@ -1,7 +1,7 @@
-"""Noise schedules and sampling loops over diffusers schedulers.
+"""Sampling loops over diffusers schedulers.
 
-Training uses a DDPM schedule (`add_noise`); sampling takes any diffusers scheduler built from the same
-betas (DPM-Solver++ with few steps by default, DDIM and DDPM too). Classifier-free guidance runs the
+Sampling takes any diffusers scheduler built from the training schedule's betas (`objectives`): DPM-Solver++
+with few steps by default, DDIM and DDPM too. Classifier-free guidance runs the
 conditional and unconditional passes as one batched forward.
 """
 
@@ -18,23 +18,16 @@ from dalle_lightning.errors import UserError
 SAMPLERS = {"dpmsolver++": DPMSolverMultistepScheduler, "ddim": DDIMScheduler, "ddpm": DDPMScheduler}
 
 
-def training_scheduler(
-    num_train_timesteps: int = 1000, beta_schedule: str = "squaredcos_cap_v2", prediction_type: str = "sample"
-) -> DDPMScheduler:
-    """The forward process used in training (`prediction_type`: sample = x0, epsilon, v_prediction)."""
-    return DDPMScheduler(
-        num_train_timesteps=num_train_timesteps,
-        beta_schedule=beta_schedule,
-        prediction_type=prediction_type,
-        clip_sample=False,
-    )
-
-
-def sampling_scheduler(name: str, train: DDPMScheduler, steps: int):
-    """A sampler named `name` over the training schedule's betas, set to `steps` steps."""
+def sampling_scheduler(name: str, train: DDPMScheduler, steps: int, dynamic_thresholding: float | None = None):
+    """A sampler named `name` over the training schedule's betas, set to `steps` steps. `dynamic_thresholding`
+    (a percentile such as 0.995, for images in [-1, 1]) clips each predicted x0 to its own percentile of |x0|
+    (Imagen), which keeps high guidance scales from saturating."""
     if name not in SAMPLERS:
         raise UserError(f"sampler '{name}' is unknown: use one of {', '.join(SAMPLERS)}")
-    scheduler = SAMPLERS[name].from_config(train.config)
+    thresholding = {}
+    if dynamic_thresholding:
+        thresholding = dict(thresholding=True, dynamic_thresholding_ratio=dynamic_thresholding, sample_max_value=1.0)
+    scheduler = SAMPLERS[name].from_config(train.config, **thresholding)
     scheduler.set_timesteps(steps)
     return scheduler
 

@@ -69,3 +69,13 @@ def encode_texts(model: CLIPModel, input_ids: torch.Tensor, attention_mask: torc
     """L2-normalised text embeddings of token ids."""
     output = model.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
     return F.normalize(_features(output), dim=-1)
+
+
+def text_token_encodings(text_model: Any, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A CLIP text transformer's per-token encodings (B, L, W) and the mask of tokens up to and including the
+    first end-of-text token: padding ids cannot tell where text ends (OpenAI's tokenizer pads with EOS)."""
+    is_eos = input_ids == text_model.config.eos_token_id
+    mask = (is_eos.cumsum(1) - is_eos.long()) == 0
+    with torch.no_grad():
+        encodings = text_model(input_ids=input_ids, attention_mask=mask.long()).last_hidden_state
+    return encodings, mask

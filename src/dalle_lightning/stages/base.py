@@ -32,6 +32,9 @@ class StageModule(L.LightningModule):
     """Base of the stage modules. `optim` and `scheduler` are config dicts (`_target_` + `_partial_`), kept
     as plain data so checkpoints load with `weights_only=True`."""
 
+    # Submodules loaded from elsewhere (a frozen CLIP export) and never trained: kept out of checkpoints.
+    frozen_prefixes: tuple[str, ...] = ()
+
     def __init__(self, optim: Mapping[str, Any], scheduler: Mapping[str, Any] | None = None):
         super().__init__()
         self.optim_config = dict(optim)
@@ -75,3 +78,22 @@ class StageModule(L.LightningModule):
         counts = {f"data/skipped/{reason}": float(self.skipped.get(reason, 0)) for reason in SKIP_REASONS}
         self.log_dict(counts, reduce_fx="sum", sync_dist=True)
         self.skipped.clear()
+
+    # Frozen submodules are left out of checkpoints (both the weights and, with EMA, the raw weights Lightning's
+    # WeightAveraging keeps in `current_model_state`) and filled back in from the loaded export on restore.
+    _STATE_KEYS = ("state_dict", "current_model_state")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if not self.frozen_prefixes:
+            return
+        for key in self._STATE_KEYS:
+            if key in checkpoint:
+                checkpoint[key] = {k: v for k, v in checkpoint[key].items() if not k.startswith(self.frozen_prefixes)}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if not self.frozen_prefixes:
+            return
+        frozen = {k: v for k, v in self.state_dict().items() if k.startswith(self.frozen_prefixes)}
+        for key in self._STATE_KEYS:
+            if key in checkpoint:
+                checkpoint[key] = {**frozen, **checkpoint[key]}

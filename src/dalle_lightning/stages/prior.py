@@ -22,9 +22,11 @@ from torch import nn
 from torchmetrics import MeanMetric
 from transformers import CLIPConfig, CLIPModel
 
-from dalle_lightning.diffusion.sampling import guided_sample, sampling_scheduler, training_scheduler
+from dalle_lightning.diffusion.objectives import diffusion_loss, training_scheduler
+from dalle_lightning.diffusion.sampling import guided_sample, sampling_scheduler
 from dalle_lightning.errors import UserError
 from dalle_lightning.export import read_manifest
+from dalle_lightning.models.clip import text_token_encodings
 from dalle_lightning.stages.base import StageModule
 
 VAL_METRICS = ("cos_sampled", "cos_text_baseline", "retrieval_acc")
@@ -33,6 +35,9 @@ VAL_METRICS = ("cos_sampled", "cos_text_baseline", "retrieval_acc")
 class PriorModule(StageModule):
     """Diffusion prior on CLIP image embeddings. Batches hold `img_emb`, `txt_emb` and, when the model
     conditions on text tokens, `txt_ids` (encoded here by the CLIP's frozen text encoder)."""
+
+    # The frozen text encoder comes from the CLIP export: no need to store it with every checkpoint.
+    frozen_prefixes = ("text_encoder.",)
 
     def __init__(
         self,
@@ -87,13 +92,7 @@ class PriorModule(StageModule):
         text_embedding = batch["txt_emb"].float()
         if not self.text_tokens:
             return text_embedding, None, None
-        ids = batch["txt_ids"].long()
-        # Attend up to and including the first end-of-text token: padding ids cannot tell where text ends
-        # (OpenAI's CLIP tokenizer pads with the end-of-text token itself).
-        is_eos = ids == self.text_encoder.config.eos_token_id
-        mask = (is_eos.cumsum(1) - is_eos.long()) == 0
-        with torch.no_grad():
-            encodings = self.text_encoder(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        encodings, mask = text_token_encodings(self.text_encoder, batch["txt_ids"].long())
         return text_embedding, encodings, mask
 
     def denoise(self, x, t, text_embedding, encodings, mask) -> torch.Tensor:
@@ -140,10 +139,7 @@ class PriorModule(StageModule):
         t = torch.randint(0, self.noise.config.num_train_timesteps, (x0.shape[0],), device=self.device)
         noise = torch.randn_like(x0)
         prediction = self.denoise(self.noise.add_noise(x0, noise, t), t, text_embedding, encodings, mask)
-        target = {"sample": x0, "epsilon": noise, "v_prediction": self.noise.get_velocity(x0, noise, t)}[
-            self.noise.config.prediction_type
-        ]
-        loss = F.mse_loss(prediction, target)
+        loss = diffusion_loss(prediction, self.noise, x0, noise, t)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -210,16 +206,7 @@ class PriorModule(StageModule):
                 self.log(f"val/{name}", value)
             metric.reset()
 
-    # --- checkpoints and export --------------------------------------------------------------------------
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # The frozen text encoder comes from the CLIP export: no need to store it with every checkpoint.
-        for key in [k for k in checkpoint["state_dict"] if k.startswith("text_encoder.")]:
-            del checkpoint["state_dict"][key]
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.text_tokens:
-            checkpoint["state_dict"].update({f"text_encoder.{k}": v for k, v in self.text_encoder.state_dict().items()})
+    # --- export --------------------------------------------------------------------------
 
     def export(self, path: Path) -> None:
         """diffusers' format for the transformer and the noise schedule, plus how to condition and sample."""

@@ -1,0 +1,229 @@
+"""Stage 3: the diffusion decoder, CLIP image embedding (+ optional caption encodings) → image.
+
+As DALL-E 2's GLIDE-based decoder: the CLIP image embedding is projected into the UNet's timestep embedding
+(diffusers' `class_embed_type="projection"`) and into a few extra context tokens for cross-attention
+(diffusers' `ImageProjection`, as Kandinsky 2.2 does); the caption's CLIP token encodings, when the config
+asks for them, are further context tokens. Classifier-free dropout drops the image embedding (10%) and the
+text (50%) independently in training; guidance at sampling contrasts with both dropped. Embeddings come
+from embedding shards (`img_emb`, written by embed.py) or from the frozen CLIP on the fly.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.models.embeddings import ImageProjection
+from safetensors.torch import save_model
+from torch import nn
+
+from dalle_lightning.diffusion.sampling import guided_sample, sampling_scheduler
+from dalle_lightning.errors import UserError
+from dalle_lightning.metrics.image import ClipScore
+from dalle_lightning.models.clip import encode_images, text_token_encodings
+from dalle_lightning.stages.diffusion import Condition, ImageDiffusionModule, first
+
+EMBEDDING_SOURCES = ("clip", "shards")
+
+
+class DecoderContext(nn.Module):
+    """Cross-attention context: `num_image_tokens` tokens projected from the image embedding, then (when
+    `text_width` is given) the caption's token encodings projected to the UNet's attention width."""
+
+    def __init__(self, embedding_dim: int, width: int, num_image_tokens: int = 4, text_width: int | None = None):
+        super().__init__()
+        self.image = ImageProjection(
+            image_embed_dim=embedding_dim, cross_attention_dim=width, num_image_text_embeds=num_image_tokens
+        )
+        self.text = nn.Sequential(nn.LayerNorm(text_width), nn.Linear(text_width, width)) if text_width else None
+
+    def forward(
+        self, image_embeds: torch.Tensor, text: torch.Tensor | None = None, text_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        tokens = self.image(image_embeds)
+        if self.text is None or text is None:
+            return tokens, None
+        mask = torch.cat([torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device), text_mask], 1)
+        return torch.cat([tokens, self.text(text)], 1), mask
+
+
+class DecoderModule(ImageDiffusionModule):
+    """Batches hold `image` (the target, at `model.image_size`), and `img_emb` when embeddings come from
+    shards; with `model.text_tokens`, also `input_ids` (the CLIP export's tokenizer)."""
+
+    def __init__(
+        self,
+        model: Mapping[str, Any],
+        clip_export: str,
+        optim: Mapping[str, Any],
+        scheduler: Mapping[str, Any] | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        embeddings: str = "clip",
+        tokenizer: Any = None,
+    ):
+        super().__init__(model, clip_export, optim, scheduler, metrics)
+        self.save_hyperparameters(ignore=["tokenizer"])
+        if embeddings not in EMBEDDING_SOURCES:
+            raise UserError(f"stage.embeddings='{embeddings}' is unknown: use clip (on the fly) or shards (img_emb)")
+        self.embeddings = embeddings
+        self.image_size = int(model["image_size"])
+        self.embedding_dim = self.clip.config.projection_dim
+        self.text_tokens = bool(model.get("text_tokens", False))
+        width = int(model["unet"]["cross_attention_dim"])
+        self.context = DecoderContext(
+            self.embedding_dim,
+            width,
+            int(model.get("num_image_tokens", 4)),
+            self.clip.config.text_config.hidden_size if self.text_tokens else None,
+        )
+        self.unet = UNet2DConditionModel(
+            sample_size=self.image_size,
+            in_channels=3,
+            out_channels=3,
+            class_embed_type="projection",
+            projection_class_embeddings_input_dim=self.embedding_dim,
+            **model["unet"],
+        )
+        self.image_drop_prob = float(model.get("image_drop_prob", 0.1))
+        self.text_drop_prob = float(model.get("text_drop_prob", 0.5))
+
+    def extra_metrics(self) -> dict[str, nn.Module]:
+        return {"clip_score": ClipScore(self.clip)}
+
+    # --- conditioning --------------------------------------------------------------------------------------
+
+    def image_embedding(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """The CLIP image embedding of the batch's images: from the shards or computed by the frozen CLIP."""
+        if self.embeddings == "shards":
+            if "img_emb" not in batch:
+                raise UserError(
+                    "stage.embeddings=shards but the batches hold no img_emb: use data=embeddings with shards "
+                    "written by embed.py, or stage.embeddings=clip"
+                )
+            embedding = batch["img_emb"].float()
+            if embedding.shape[-1] != self.embedding_dim:
+                raise UserError(
+                    f"the shards hold {embedding.shape[-1]}-wide image embeddings but stage.clip_export is "
+                    f"{self.embedding_dim}-wide: embed the shards with that CLIP (embed.py) or name the right export"
+                )
+            return torch.nn.functional.normalize(embedding, dim=-1)
+        with torch.no_grad():
+            return encode_images(self.clip, batch["image"])
+
+    def condition(
+        self,
+        image_embeds: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        drop_image: torch.Tensor | None = None,
+        drop_text: torch.Tensor | None = None,
+    ) -> Condition:
+        """The UNet's conditioning for image embeddings (and token ids); `drop_*` (B,) bool zero the image
+        embedding or mask out the text of those samples (classifier-free guidance's null condition)."""
+        if drop_image is not None:
+            image_embeds = image_embeds.masked_fill(drop_image[:, None], 0.0)
+        text, text_mask = None, None
+        if self.text_tokens:
+            if input_ids is None:
+                raise UserError("model.decoder.text_tokens=true needs captions: give the stage a tokenizer")
+            text, text_mask = text_token_encodings(self.clip.text_model, input_ids.long())
+            if drop_text is not None:
+                text_mask = text_mask & ~drop_text[:, None]
+        context, mask = self.context(image_embeds, text, text_mask)
+        condition = {"class_labels": image_embeds, "encoder_hidden_states": context}
+        if mask is not None:
+            condition["encoder_attention_mask"] = mask
+        return condition
+
+    def diffusion_inputs(
+        self, batch: Mapping[str, Any], train: bool, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, Condition]:
+        image = batch["image"]
+        if image.shape[-1] != self.image_size:
+            raise UserError(
+                f"the batches hold {image.shape[-1]} px images but model.decoder.image_size={self.image_size}: "
+                f"set data.image_size={self.image_size} (the stage's image_size)"
+            )
+        embeds = self.image_embedding(batch)
+        drop_image = drop_text = None
+        if train:
+            drop_image = torch.rand(image.shape[0], device=self.device) < self.image_drop_prob
+            drop_text = torch.rand(image.shape[0], device=self.device) < self.text_drop_prob
+        return image, self.condition(embeds, batch.get("input_ids"), drop_image, drop_text)
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, condition: Condition) -> torch.Tensor:
+        return self.unet(x, t, **condition).sample
+
+    # --- sampling ------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        image_embeds: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        sampler: str | None = None,
+        dynamic_thresholding: float | None = None,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Images in [-1, 1] (N, 3, S, S) for L2-normalised image embeddings (N, D) (from the prior, or of real
+        images for reconstructions); unset arguments take the config's sampling defaults."""
+        config = self.config
+        steps = steps or int(config.get("sample_steps", 16))
+        guidance_scale = float(config.get("guidance_scale", 3.0) if guidance_scale is None else guidance_scale)
+        threshold = config.get("dynamic_thresholding", 0.995) if dynamic_thresholding is None else dynamic_thresholding
+        n = image_embeds.shape[0]
+        conditional = self.condition(image_embeds, input_ids)
+        both = None
+        if guidance_scale != 1.0:
+            ids = None if input_ids is None else torch.cat([input_ids, input_ids])
+            drop = torch.cat([torch.zeros(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)]).to(self.device)
+            both = self.condition(torch.cat([image_embeds, image_embeds]), ids, drop, drop)
+
+        def denoise(x: torch.Tensor, t: torch.Tensor, with_uncond: bool) -> torch.Tensor:
+            return self.denoise(x, t, both if with_uncond else conditional)
+
+        scheduler = sampling_scheduler(sampler or config.get("sampler", "dpmsolver++"), self.noise, steps, threshold)
+        noise = torch.randn((n, 3, self.image_size, self.image_size), generator=generator, device=self.device)
+        images = guided_sample(denoise, noise, scheduler, guidance_scale, progress=progress, generator=generator)
+        return images.clamp(-1, 1)
+
+    def sample(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
+        """Reconstructions of the batch's images from their CLIP image embeddings."""
+        ids = batch.get("input_ids") if self.text_tokens else None
+        return self.generate(self.image_embedding(batch), ids, generator=generator)
+
+    def update_extra_metrics(self, batch: Mapping[str, Any], samples: torch.Tensor) -> None:
+        if "input_ids" in batch:
+            self.image_metrics["clip_score"].update(samples, batch["input_ids"], batch.get("attention_mask"))
+
+    def preview_rows(self, batch: Mapping[str, Any], n: int) -> list[tuple[str, Sequence[torch.Tensor]]]:
+        """Each row: the real image, then two reconstructions from its embedding (different seeds)."""
+        part = first(batch, n)
+        generator = torch.Generator(self.device).manual_seed(0)
+        recon = [self.sample(part, generator=generator) for _ in range(2)]
+        captions = part.get("caption") or [""] * part["image"].shape[0]
+        return [(caption, [part["image"][i], recon[0][i], recon[1][i]]) for i, caption in enumerate(captions)]
+
+    # --- export --------------------------------------------------------------------------------------------
+
+    def export(self, path: Path) -> None:
+        """diffusers' format for the UNet and the noise schedule, safetensors for the context projection, and
+        how to condition and sample."""
+        self.unet.save_pretrained(str(path / "unet"), safe_serialization=True)
+        self.noise.save_pretrained(str(path / "scheduler"))
+        save_model(self.context, str(path / "context.safetensors"))
+        config = {
+            "clip_export": str(self.hparams.clip_export),
+            "image_size": self.image_size,
+            "embedding_dim": self.embedding_dim,
+            "text_tokens": self.text_tokens,
+            "num_image_tokens": int(self.config.get("num_image_tokens", 4)),
+            **self.sampling_defaults(),
+        }
+        (path / "decoder_config.json").write_text(json.dumps(config, indent=2))

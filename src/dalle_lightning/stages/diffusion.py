@@ -1,0 +1,151 @@
+"""What the image diffusion stages (decoder, upsampler) share.
+
+The training step noises the stage's target image at a random timestep and regresses the UNet's output on
+the configured objective (ε, x₀ or v) with min-SNR weighting. Validation logs the same loss with fixed noise
+(comparable across epochs), and every `metrics.every_n_epochs` samples `metrics.num_samples` images from the
+validation batches — with the EMA weights when the EMA callback is on, since it swaps them in for validation —
+and scores them against the real images: a Fréchet distance (`val/fid_inception` or `val/fd_clip`) and
+whatever the stage adds. A frozen CLIP from the CLIP export provides the metrics' features (and the decoder's
+embeddings); it is loaded from the export and kept out of checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import CLIPModel
+
+from dalle_lightning.diffusion.objectives import diffusion_loss, training_scheduler
+from dalle_lightning.export import read_manifest
+from dalle_lightning.metrics.image import frechet_distance
+from dalle_lightning.stages.base import StageModule
+
+Condition = dict[str, torch.Tensor]
+
+
+def first(batch: Mapping[str, Any], n: int) -> dict[str, Any]:
+    """The first `n` samples of a batch (tensors and lists alike)."""
+    return {k: v[:n] if isinstance(v, torch.Tensor | list) else v for k, v in batch.items()}
+
+
+class ImageDiffusionModule(StageModule):
+    """Subclasses say how a batch becomes (target image, condition), how the UNet is called, how to sample
+    for a batch, what else to measure on samples, and what a preview row shows."""
+
+    frozen_prefixes = ("clip.", "image_metrics.")
+
+    def __init__(
+        self,
+        model: Mapping[str, Any],
+        clip_export: str,
+        optim: Mapping[str, Any],
+        scheduler: Mapping[str, Any] | None = None,
+        metrics: Mapping[str, Any] | None = None,
+    ):
+        super().__init__(optim, scheduler)
+        self.config = dict(model)
+        self.metrics_config = dict(metrics or {})
+        read_manifest(clip_export, "clip", "stage.clip_export")
+        self.clip = CLIPModel.from_pretrained(clip_export).eval().requires_grad_(False)
+        self.noise = training_scheduler(
+            model.get("timesteps", 1000),
+            model.get("beta_schedule", "squaredcos_cap_v2"),
+            model.get("prediction_type", "epsilon"),
+        )
+        self.min_snr_gamma = model.get("min_snr_gamma", 5.0)
+        self.fd_name, fd = frechet_distance(self.clip, self.metrics_config.get("inception_weights"))
+        self.image_metrics = nn.ModuleDict({"fd": fd, **self.extra_metrics()})
+        self._metric_samples = 0
+
+    # --- what a stage defines ------------------------------------------------------------------------------
+
+    def extra_metrics(self) -> dict[str, nn.Module]:
+        return {}
+
+    def diffusion_inputs(
+        self, batch: Mapping[str, Any], train: bool, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, Condition]:
+        raise NotImplementedError
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, condition: Condition) -> torch.Tensor:
+        raise NotImplementedError
+
+    def sample(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def update_extra_metrics(self, batch: Mapping[str, Any], samples: torch.Tensor) -> None:
+        pass
+
+    def preview_rows(self, batch: Mapping[str, Any], n: int) -> list[tuple[str, Sequence[torch.Tensor]]]:
+        raise NotImplementedError
+
+    # --- training ------------------------------------------------------------------------------------------
+
+    def on_fit_start(self) -> None:
+        if self.device.type == "cuda" and self.config.get("channels_last", True):
+            self.unet.to(memory_format=torch.channels_last)
+
+    def loss(self, x0: torch.Tensor, condition: Condition, generator: torch.Generator | None = None) -> torch.Tensor:
+        t = torch.randint(
+            0, self.noise.config.num_train_timesteps, (x0.shape[0],), device=x0.device, generator=generator
+        )
+        noise = torch.randn(x0.shape, device=x0.device, generator=generator)
+        noisy = self.noise.add_noise(x0, noise, t)
+        if noisy.device.type == "cuda" and self.config.get("channels_last", True):
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
+        prediction = self.denoise(noisy, t, condition)
+        return diffusion_loss(prediction, self.noise, x0, noise, t, self.min_snr_gamma)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        x0, condition = self.diffusion_inputs(batch, train=True)
+        loss = self.loss(x0, condition)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    # --- validation ----------------------------------------------------------------------------------------
+
+    def metrics_due(self) -> bool:
+        """Sampled-image metrics run every `every_n_epochs` epochs and at the last epoch, never in the sanity
+        check. The same answer on every rank, so the metrics' collectives match."""
+        every = int(self.metrics_config.get("every_n_epochs", 1))
+        if self.trainer.sanity_checking or every <= 0 or int(self.metrics_config.get("num_samples", 0)) <= 0:
+            return False
+        epoch = self.current_epoch + 1
+        return epoch % every == 0 or epoch == self.trainer.max_epochs
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        generator = torch.Generator(self.device).manual_seed(batch_idx)  # the same noise every epoch
+        x0, condition = self.diffusion_inputs(batch, train=False, generator=generator)
+        self.log("val/loss", self.loss(x0, condition, generator), batch_size=x0.shape[0], sync_dist=True)
+        if not self.metrics_due():
+            return
+        per_rank = math.ceil(int(self.metrics_config["num_samples"]) / self.trainer.world_size)
+        take = min(x0.shape[0], per_rank - self._metric_samples)
+        if take <= 0:
+            return
+        part = first(batch, take)
+        samples = self.sample(part, generator=generator)
+        self.image_metrics["fd"].update(part["image"], real=True)
+        self.image_metrics["fd"].update(samples, real=False)
+        self.update_extra_metrics(part, samples)
+        self._metric_samples += take
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.metrics_due():
+            return
+        # Every rank computes (a collective), logs the synced value, and resets.
+        for name, metric in self.image_metrics.items():
+            value = metric.compute()
+            self.log(f"val/{self.fd_name if name == 'fd' else name}", value, rank_zero_only=False)
+            metric.reset()
+        self._metric_samples = 0
+
+    # --- export --------------------------------------------------------------------------------------------
+
+    def sampling_defaults(self) -> dict[str, Any]:
+        keys = ("sampler", "sample_steps", "guidance_scale", "dynamic_thresholding")
+        return {k: self.config.get(k) for k in keys if k in self.config}

@@ -1,0 +1,199 @@
+"""The image diffusion stages: decoder and upsampler — loss on a fixed batch, sampling with each scheduler,
+EMA and metrics in a real Trainer run, and one-line errors."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from conftest import compose_config, small_shapes
+from dalle_lightning.diffusion.objectives import min_snr_weight, training_scheduler
+from dalle_lightning.errors import UserError
+from dalle_lightning.export import load_clip_export
+from dalle_lightning.stages.decoder import DecoderModule
+from dalle_lightning.stages.upsampler import UpsamplerModule, gaussian_blur
+
+SAMPLERS = ["dpmsolver++", "ddim", "ddpm"]
+
+
+def stage_config(tmp_path, stage, export, overrides=()):
+    cfg = compose_config(
+        [f"stage={stage}", "scheduler=constant", "optim.lr=2e-3", f"stage.clip_export={export}", *overrides], tmp_path
+    )
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+
+
+def make_decoder(tmp_path, export, overrides=(), **kwargs) -> DecoderModule:
+    plain = stage_config(tmp_path, "decoder", export, overrides)
+    torch.manual_seed(0)
+    return DecoderModule(
+        plain["model"]["decoder"], str(export), plain["optim"], None, plain["stage"]["metrics"], **kwargs
+    )
+
+
+def make_upsampler(tmp_path, export, overrides=()) -> UpsamplerModule:
+    plain = stage_config(tmp_path, "upsampler", export, overrides)
+    torch.manual_seed(0)
+    return UpsamplerModule(plain["model"]["upsampler"], str(export), plain["optim"], None, plain["stage"]["metrics"])
+
+
+def shapes_batch(shapes_root, export, image_size, n=8):
+    _, tokenizer = load_clip_export(export)
+    dm = small_shapes(
+        shapes_root, image_size=image_size, batch_size=n, samples_per_epoch=n, num_workers=0, tokenizer=tokenizer
+    )
+    dm.setup("fit")
+    return dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
+
+
+@pytest.fixture(scope="module")
+def batch32(shapes_root, tiny_clip_export):
+    return shapes_batch(shapes_root, tiny_clip_export, 32)
+
+
+@pytest.fixture(scope="module")
+def batch64(shapes_root, tiny_clip_export):
+    return shapes_batch(shapes_root, tiny_clip_export, 64)
+
+
+def fit_fixed_batch(module, batch, steps=25):
+    """Adam steps on one batch with the same timesteps and noise every step: the loss must fall."""
+    optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=2e-3)
+    losses = []
+    for _ in range(steps):
+        generator = torch.Generator().manual_seed(0)
+        x0, condition = module.diffusion_inputs(batch, train=False, generator=generator)
+        loss = module.loss(x0, condition, generator)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("text_tokens", [False, True])
+def test_decoder_loss_falls_on_a_fixed_batch(tmp_path, tiny_clip_export, batch32, text_tokens):
+    module = make_decoder(tmp_path, tiny_clip_export, [f"model.decoder.text_tokens={text_tokens}"])
+    losses = fit_fixed_batch(module, batch32)
+    assert losses[-1] < 0.6 * losses[0], losses[::8]
+
+
+def test_upsampler_loss_falls_on_a_fixed_batch(tmp_path, tiny_clip_export, batch64):
+    module = make_upsampler(tmp_path, tiny_clip_export)
+    losses = fit_fixed_batch(module, batch64)
+    assert losses[-1] < 0.6 * losses[0], losses[::8]
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_decoder_samples_have_the_right_shape_and_range(tmp_path, tiny_clip_export, batch32, sampler):
+    module = make_decoder(tmp_path, tiny_clip_export, ["model.decoder.text_tokens=true"]).eval()
+    part = {k: v[:3] for k, v in batch32.items() if torch.is_tensor(v)}
+    embeds = module.image_embedding(part)
+
+    def draw(seed):
+        generator = torch.Generator().manual_seed(seed)
+        return module.generate(embeds, part["input_ids"], steps=3, sampler=sampler, generator=generator)
+
+    images = draw(0)
+    assert images.shape == (3, 3, 32, 32) and images.dtype == torch.float32
+    assert torch.isfinite(images).all() and images.min() >= -1 and images.max() <= 1
+    assert torch.equal(images, draw(0))  # a seed fixes the result, stochastic samplers included
+    assert not torch.equal(images, draw(1))
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_upsampler_samples_have_the_right_shape_and_range(tmp_path, tiny_clip_export, batch64, sampler):
+    module = make_upsampler(tmp_path, tiny_clip_export).eval()
+    low = module.downsample(batch64["image"][:2])
+    assert low.shape == (2, 3, 32, 32)
+    for noise_aug in (0.0, 0.1):
+        images = module.generate(low, noise_aug=noise_aug, steps=3, sampler=sampler)
+        assert images.shape == (2, 3, 64, 64) and images.dtype == torch.float32
+        assert torch.isfinite(images).all() and images.min() >= -1 and images.max() <= 1
+
+
+def test_upsampler_training_inputs_are_crops_blurred_and_noised(tmp_path, tiny_clip_export, batch64):
+    module = make_upsampler(tmp_path, tiny_clip_export)
+    high, condition = module.diffusion_inputs(batch64, train=True)
+    assert high.shape[-1] == module.train_crop == 32 and condition["low"].shape == high.shape
+    assert condition["class_labels"].max() <= module.noise_level(module.noise_aug_max)
+    # The blur keeps a constant image and the mean of any image, and smooths.
+    flat = torch.full((1, 3, 8, 8), 0.3)
+    assert torch.allclose(gaussian_blur(flat, torch.tensor([0.5])), flat, atol=1e-6)
+    noisy = torch.randn(2, 3, 16, 16)
+    blurred = gaussian_blur(noisy, torch.tensor([0.6, 1.0]))
+    assert blurred.std() < noisy.std()
+
+
+def test_min_snr_weights_cap_easy_timesteps():
+    t = torch.tensor([0, 500, 999])
+    for kind in ("epsilon", "sample", "v_prediction"):
+        weights = min_snr_weight(training_scheduler(prediction_type=kind), t, 5.0)
+        assert weights.shape == (3,) and torch.isfinite(weights).all() and (weights >= 0).all()
+    eps = min_snr_weight(training_scheduler(prediction_type="epsilon"), t, 5.0)
+    assert eps[0] < 0.01 and eps[2] == pytest.approx(1.0)  # high SNR capped; noisy steps keep full weight
+
+
+def test_decoder_errors_are_one_line(tmp_path, tiny_clip_export, batch32, batch64):
+    module = make_decoder(tmp_path, tiny_clip_export)
+    with pytest.raises(UserError, match=r"model\.decoder\.image_size=32"):
+        module.diffusion_inputs(batch64, train=True)
+    shards = make_decoder(tmp_path, tiny_clip_export, embeddings="shards")
+    with pytest.raises(UserError, match="no img_emb"):
+        shards.diffusion_inputs(batch32, train=True)
+    with pytest.raises(UserError, match="7-wide image embeddings"):
+        shards.diffusion_inputs({**batch32, "img_emb": torch.randn(8, 7)}, train=True)
+    with pytest.raises(UserError, match=r"stage\.embeddings='disk' is unknown"):
+        make_decoder(tmp_path, tiny_clip_export, embeddings="disk")
+    with pytest.raises(UserError, match="not a multiple"):
+        make_upsampler(tmp_path, tiny_clip_export, ["model.upsampler.low_res_size=24"])
+
+
+class RawWeights(L.Callback):
+    def on_train_end(self, trainer, pl_module):
+        self.weights = {name: p.detach().clone() for name, p in pl_module.unet.named_parameters()}
+
+
+@pytest.mark.parametrize("stage", ["decoder", "upsampler"])
+def test_trainer_run_averages_weights_scores_samples_and_draws_a_grid(tmp_path, shapes_root, tiny_clip_export, stage):
+    """Two real training epochs: EMA weights move away from the raw ones, validation logs the loss, the
+    Fréchet distance in CLIP space (and CLIP score for the decoder) on sampled images, and a grid PNG."""
+    plain = stage_config(
+        tmp_path,
+        stage,
+        tiny_clip_export,
+        [f"model.{stage}.sample_steps=2", "stage.metrics.num_samples=6", "callbacks.sample_grid.num_rows=2"],
+    )
+    _, tokenizer = load_clip_export(tiny_clip_export)
+    size = plain["stage"]["image_size"]
+    dm = small_shapes(
+        shapes_root,
+        image_size=size,
+        batch_size=8,
+        samples_per_epoch=24,
+        val_samples=8,
+        num_workers=0,
+        tokenizer=tokenizer,
+    )
+    torch.manual_seed(0)
+    module = instantiate(plain["stage"]["module"], tokenizer=tokenizer)
+    ema = instantiate(plain["callbacks"]["ema"])
+    grid = instantiate(plain["callbacks"]["sample_grid"], dirpath=str(tmp_path / "samples"))
+    raw = RawWeights()  # before the EMA callback, which copies the average into the module at the end
+    trainer = L.Trainer(
+        max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=[raw, ema, grid]
+    )
+    trainer.fit(module, datamodule=dm)
+
+    differs = [not torch.equal(p, raw.weights[name]) for name, p in module.unet.named_parameters()]
+    assert sum(differs) > len(differs) // 2
+    metrics = trainer.callback_metrics
+    assert torch.isfinite(metrics["val/loss"]) and metrics["val/fd_clip"] >= 0
+    if stage == "decoder":
+        assert 0 <= metrics["val/clip_score"] <= 100
+    else:
+        assert torch.isfinite(metrics["val/psnr"]) and metrics["val/psnr_bicubic"] > 15
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["epoch000.png", "epoch001.png"]
