@@ -103,8 +103,9 @@ def test_two_process_ddp_run_of_train_py(tmp_path, shapes_root):
     assert (tmp_path / "export" / "clip" / "model.safetensors").exists()
 
 
-def test_embed_then_train_the_prior(tmp_path, shapes_root, tiny_clip_export):
-    """embed.py over Shapes shards, then train.py stage=prior on the result; a CLIP of another width is refused."""
+def test_embed_then_train_prior_decoder_and_upsampler(tmp_path, shapes_root, tiny_clip_export):
+    """embed.py over Shapes shards, then train.py for the prior and the decoder on the result and for the
+    upsampler on Shapes: each logs its metrics and writes its export; a CLIP of another width is refused."""
     import subprocess
     import sys
 
@@ -149,6 +150,41 @@ def test_embed_then_train_the_prior(tmp_path, shapes_root, tiny_clip_export):
     metrics = json.loads((tmp_path / "outputs" / "prior" / "runs" / "prior" / "metrics.json").read_text())
     assert -1 <= metrics["val/cos_sampled"] <= 1 and "val/cos_text_baseline_heldout" in metrics
     assert (tmp_path / "export" / "prior" / "prior" / "diffusion_pytorch_model.safetensors").exists()
+
+    small_run = [
+        f"stage.clip_export={tiny_clip_export}",
+        "trainer=cpu",
+        "trainer.max_steps=4",
+        "trainer.max_epochs=-1",
+        "data.batch_size=16",
+        "data.samples_per_epoch=32",
+        "data.val_samples=16",
+        "data.num_workers=0",
+        "stage.metrics.num_samples=8",
+        "scheduler.warmup_steps=2",
+        f"paths.log_dir={tmp_path}/outputs",
+        f"paths.export_dir={tmp_path}/export",
+        "logger=csv",
+    ]
+    decoder_args = ["stage=decoder", "data=embeddings", "stage.embeddings=shards", "model.decoder.sample_steps=2"]
+    shards = [f"data.train_shards='{tmp_path}/emb/train/*.tar'", f"data.val_shards='{tmp_path}/emb/val/*.tar'"]
+    decoder_args += [*small_run, *shards, "run_name=decoder"]
+    result = run_train(decoder_args, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "outputs" / "decoder" / "runs" / "decoder"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["val/fd_clip"] >= 0 and 0 <= metrics["val/clip_score"] <= 100
+    assert (run / "samples" / "epoch000.png").exists()
+    assert (tmp_path / "export" / "decoder" / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    assert (tmp_path / "export" / "decoder" / "context.safetensors").exists()
+
+    upsampler_args = ["stage=upsampler", "model.upsampler.sample_steps=2", *small_run, *shapes_overrides(shapes_root)]
+    upsampler_args += ["run_name=upsampler"]
+    result = run_train(upsampler_args, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "outputs" / "upsampler" / "runs" / "upsampler" / "metrics.json").read_text())
+    assert metrics["val/fd_clip"] >= 0 and metrics["val/psnr"] > 0
+    assert (tmp_path / "export" / "upsampler" / "unet" / "diffusion_pytorch_model.safetensors").exists()
 
     # A CLIP export of another embedding width than the shards: one line naming both widths.
     from omegaconf import OmegaConf

@@ -7,6 +7,7 @@ and written to `outputs/demo/report.json`, one section per stage, so machines ca
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import platform
@@ -28,6 +29,15 @@ SHAPES_DIR = ROOT / "data" / "shapes"
 SHAPES_ARGS = dict(num_train=20_000, num_val=1000, size=64, seed=0, samples_per_shard=1000)
 
 
+# Lightning's CSV logger beside wandb: the demo reads each metric's first value from it.
+CSV_LOGGER = [
+    "+logger.csv._target_=lightning.pytorch.loggers.CSVLogger",
+    "+logger.csv.save_dir=${paths.output_dir}",
+    "+logger.csv.name=csv",
+    "+logger.csv.version=0",
+]
+
+
 def train_stage(stage: str, extra: list[str] = ()) -> tuple[dict[str, float], float, Path]:
     """Run `train.py experiment=demo/<stage>`; return its metrics, wall time and run folder."""
     run_dir = OUT / "runs" / stage
@@ -38,6 +48,7 @@ def train_stage(stage: str, extra: list[str] = ()) -> tuple[dict[str, float], fl
         f"experiment=demo/{stage}",
         f"hydra.run.dir={run_dir}",
         f"paths.export_dir={OUT / 'export'}",
+        *CSV_LOGGER,
         *extra,
     ]
     print(f"\n=== {stage}: {' '.join(command[1:])}", flush=True)
@@ -45,6 +56,17 @@ def train_stage(stage: str, extra: list[str] = ()) -> tuple[dict[str, float], fl
     subprocess.run(command, cwd=ROOT, check=True)
     seconds = time.perf_counter() - start
     return json.loads((run_dir / "metrics.json").read_text()), seconds, run_dir
+
+
+def first_values(run_dir: Path, names: list[str]) -> dict[str, float]:
+    """The first logged value of each metric (from the CSV log), to show how far training moved it."""
+    rows = list(csv.DictReader((run_dir / "csv" / "version_0" / "metrics.csv").open()))
+    return {name: next(float(row[name]) for row in rows if row.get(name)) for name in names}
+
+
+def last_grid(run_dir: Path) -> str:
+    grids = sorted((run_dir / "samples").glob("epoch*.png"))
+    return str(grids[-1]) if grids else ""
 
 
 def evaluate_clip(export: Path, grid_path: Path, rows: int = 8, top: int = 5) -> dict[str, float]:
@@ -196,11 +218,36 @@ def main() -> None:
         "train_s": prior_train_s,
     }
 
+    clip_export = f"stage.clip_export={OUT / 'export' / 'clip'}"
+    decoder_metrics, times["decoder_s"], decoder_run = train_stage("decoder", [clip_export])
+    first = first_values(decoder_run, ["val/fd_clip", "val/clip_score"])
+    decoder = {
+        "fd_clip": decoder_metrics["val/fd_clip"],
+        "clip_score": decoder_metrics["val/clip_score"],
+        "clip_score_real": decoder_metrics["val/clip_score_real"],
+        "fd_clip_first": first["val/fd_clip"],
+        "clip_score_first": first["val/clip_score"],
+        "val_loss": decoder_metrics["val/loss"],
+    }
+
+    upsampler_metrics, times["upsampler_s"], upsampler_run = train_stage("upsampler", [clip_export])
+    first = first_values(upsampler_run, ["val/fd_clip", "val/psnr"])
+    upsampler = {
+        "fd_clip": upsampler_metrics["val/fd_clip"],
+        "fd_clip_first": first["val/fd_clip"],
+        "psnr": upsampler_metrics["val/psnr"],
+        "psnr_first": first["val/psnr"],
+        "psnr_bicubic": upsampler_metrics["val/psnr_bicubic"],
+        "val_loss": upsampler_metrics["val/loss"],
+    }
+
     times["total_s"] = time.perf_counter() - total_start + times["install_s"]
     wandb_runs = sorted(str(p) for p in (OUT / "runs").glob("*/wandb/offline-run-*"))
     report = {
         "clip": clip,
         "prior": prior,
+        "decoder": decoder,
+        "upsampler": upsampler,
         "times": times,
         "machine": machine(),
         "paths": {
@@ -210,6 +257,10 @@ def main() -> None:
             "clip_run": str(clip_run),
             "prior_export": str(OUT / "export" / "prior"),
             "prior_run": str(prior_run),
+            "decoder_grid": last_grid(decoder_run),
+            "decoder_export": str(OUT / "export" / "decoder"),
+            "upsampler_grid": last_grid(upsampler_run),
+            "upsampler_export": str(OUT / "export" / "upsampler"),
             "wandb_offline_runs": ", ".join(wandb_runs),
         },
     }

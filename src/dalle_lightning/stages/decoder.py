@@ -92,7 +92,8 @@ class DecoderModule(ImageDiffusionModule):
         self.text_drop_prob = float(model.get("text_drop_prob", 0.5))
 
     def extra_metrics(self) -> dict[str, nn.Module]:
-        return {"clip_score": ClipScore(self.clip)}
+        # The real images' score with their captions is the ceiling the samples' score is read against.
+        return {"clip_score": ClipScore(self.clip), "clip_score_real": ClipScore(self.clip)}
 
     # --- conditioning --------------------------------------------------------------------------------------
 
@@ -201,6 +202,9 @@ class DecoderModule(ImageDiffusionModule):
     def update_extra_metrics(self, batch: Mapping[str, Any], samples: torch.Tensor) -> None:
         if "input_ids" in batch:
             self.image_metrics["clip_score"].update(samples, batch["input_ids"], batch.get("attention_mask"))
+            self.image_metrics["clip_score_real"].update(
+                batch["image"], batch["input_ids"], batch.get("attention_mask")
+            )
 
     def preview_rows(self, batch: Mapping[str, Any], n: int) -> list[tuple[str, Sequence[torch.Tensor]]]:
         """Each row: the real image, then two reconstructions from its embedding (different seeds)."""
