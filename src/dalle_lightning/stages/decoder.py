@@ -55,6 +55,8 @@ class DecoderModule(ImageDiffusionModule):
     """Batches hold `image` (the target, at `model.image_size`), and `img_emb` when embeddings come from
     shards; with `model.text_tokens`, also `input_ids` (the CLIP export's tokenizer)."""
 
+    stage_name = "decoder"
+
     def __init__(
         self,
         model: Mapping[str, Any],
@@ -142,12 +144,7 @@ class DecoderModule(ImageDiffusionModule):
     def diffusion_inputs(
         self, batch: Mapping[str, Any], train: bool, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, Condition]:
-        image = batch["image"]
-        if image.shape[-1] != self.image_size:
-            raise UserError(
-                f"the batches hold {image.shape[-1]} px images but model.decoder.image_size={self.image_size}: "
-                f"set data.image_size={self.image_size} (the stage's image_size)"
-            )
+        image = self.target_images(batch)
         embeds = self.image_embedding(batch)
         drop_image = drop_text = None
         if train:

@@ -20,6 +20,7 @@ from torch import nn
 from transformers import CLIPModel
 
 from dalle_lightning.diffusion.objectives import diffusion_loss, training_scheduler
+from dalle_lightning.errors import UserError
 from dalle_lightning.export import read_manifest
 from dalle_lightning.metrics.image import frechet_distance
 from dalle_lightning.stages.base import StageModule
@@ -37,6 +38,7 @@ class ImageDiffusionModule(StageModule):
     for a batch, what else to measure on samples, and what a preview row shows."""
 
     frozen_prefixes = ("clip.", "image_metrics.")
+    stage_name = ""  # the config group its model preset is in: model.<stage_name>
 
     def __init__(
         self,
@@ -82,6 +84,16 @@ class ImageDiffusionModule(StageModule):
 
     def preview_rows(self, batch: Mapping[str, Any], n: int) -> list[tuple[str, Sequence[torch.Tensor]]]:
         raise NotImplementedError
+
+    def target_images(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """The batch's images, checked to be at the stage's resolution."""
+        images = batch["image"]
+        if images.shape[-1] != self.image_size:
+            raise UserError(
+                f"the batches hold {images.shape[-1]} px images but model.{self.stage_name}.image_size="
+                f"{self.image_size}: set data.image_size={self.image_size} (the stage's image_size)"
+            )
+        return images
 
     # --- training ------------------------------------------------------------------------------------------
 

@@ -47,6 +47,8 @@ def psnr(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 class UpsamplerModule(ImageDiffusionModule):
     """Batches hold `image` at the output size (`model.image_size`); the low-resolution input is made from it."""
 
+    stage_name = "upsampler"
+
     def __init__(
         self,
         model: Mapping[str, Any],
@@ -110,12 +112,7 @@ class UpsamplerModule(ImageDiffusionModule):
     def diffusion_inputs(
         self, batch: Mapping[str, Any], train: bool, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, Condition]:
-        high = batch["image"]
-        if high.shape[-1] != self.image_size:
-            raise UserError(
-                f"the batches hold {high.shape[-1]} px images but model.upsampler.image_size={self.image_size}: "
-                f"set data.image_size={self.image_size} (the stage's image_size)"
-            )
+        high = self.target_images(batch)
         n = high.shape[0]
         if train:
             if self.train_crop and self.train_crop < self.image_size:
