@@ -95,6 +95,20 @@ def small_shapes(root: Path, **kwargs):
     )
 
 
+def first_batch(root: Path, image_size: int, batch_size: int, tokenizer=None) -> dict:
+    """The first training batch of the small Shapes build, as the model sees it (images in [-1, 1])."""
+    dm = small_shapes(
+        root,
+        image_size=image_size,
+        batch_size=batch_size,
+        samples_per_epoch=batch_size,
+        num_workers=0,
+        tokenizer=tokenizer,
+    )
+    dm.setup("fit")
+    return dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
+
+
 def write_tar(path: Path, members: dict[str, bytes]) -> Path:
     """A tar shard with exactly these members (name → bytes)."""
     import io

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from conftest import compose_config, small_shapes
+from conftest import compose_config, first_batch, small_shapes
 from dalle_lightning.errors import UserError
 from dalle_lightning.export import load_clip_export, write_export
 from dalle_lightning.metrics.retrieval import RetrievalMetrics
@@ -26,16 +26,7 @@ def tokenizer(shapes_root):
 
 @pytest.fixture(scope="module")
 def fixed_batch(shapes_root, tokenizer):
-    dm = small_shapes(
-        shapes_root,
-        image_size=32,
-        batch_size=32,
-        samples_per_epoch=32,
-        num_workers=0,
-        tokenizer=tokenizer,
-    )
-    dm.setup("fit")
-    return dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
+    return first_batch(shapes_root, image_size=32, batch_size=32, tokenizer=tokenizer)
 
 
 def make_module(tmp_path, tokenizer, overrides=()):

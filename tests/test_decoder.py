@@ -9,7 +9,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from conftest import compose_config, small_shapes
+from conftest import compose_config, first_batch, small_shapes
 from dalle_lightning.diffusion.objectives import min_snr_weight, training_scheduler
 from dalle_lightning.errors import UserError
 from dalle_lightning.export import load_clip_export
@@ -40,23 +40,14 @@ def make_upsampler(tmp_path, export, overrides=()) -> UpsamplerModule:
     return UpsamplerModule(plain["model"]["upsampler"], str(export), plain["optim"], None, plain["stage"]["metrics"])
 
 
-def shapes_batch(shapes_root, export, image_size, n=8):
-    _, tokenizer = load_clip_export(export)
-    dm = small_shapes(
-        shapes_root, image_size=image_size, batch_size=n, samples_per_epoch=n, num_workers=0, tokenizer=tokenizer
-    )
-    dm.setup("fit")
-    return dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
-
-
 @pytest.fixture(scope="module")
 def batch32(shapes_root, tiny_clip_export):
-    return shapes_batch(shapes_root, tiny_clip_export, 32)
+    return first_batch(shapes_root, 32, 8, load_clip_export(tiny_clip_export)[1])
 
 
 @pytest.fixture(scope="module")
 def batch64(shapes_root, tiny_clip_export):
-    return shapes_batch(shapes_root, tiny_clip_export, 64)
+    return first_batch(shapes_root, 64, 8, load_clip_export(tiny_clip_export)[1])
 
 
 def fit_fixed_batch(module, batch, steps=25):

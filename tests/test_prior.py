@@ -6,7 +6,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import compose_config, small_shapes
+from conftest import compose_config, first_batch
 from dalle_lightning.errors import UserError
 from dalle_lightning.export import load_clip_export
 from dalle_lightning.models.clip import encode_images, encode_texts
@@ -17,16 +17,7 @@ from dalle_lightning.stages.prior import PriorModule
 def embedding_batch(shapes_root, tiny_clip_export):
     """Real Shapes samples embedded by the CLIP export, as the embedding shards would hold them."""
     clip, tokenizer = load_clip_export(tiny_clip_export)
-    dm = small_shapes(
-        shapes_root,
-        image_size=32,
-        batch_size=32,
-        samples_per_epoch=32,
-        num_workers=0,
-        tokenizer=tokenizer,
-    )
-    dm.setup("fit")
-    batch = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
+    batch = first_batch(shapes_root, image_size=32, batch_size=32, tokenizer=tokenizer)
     with torch.no_grad():
         image = encode_images(clip, batch["image"])
         text = encode_texts(clip, batch["input_ids"], batch["attention_mask"])

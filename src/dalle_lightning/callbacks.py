@@ -16,6 +16,15 @@ from dalle_lightning.visualize import captioned_grid
 log = logging.getLogger(__name__)
 
 
+def evaluation_epoch(trainer: L.Trainer, every_n_epochs: int) -> bool:
+    """Whether this validation epoch is one for the costly evaluations (sampling images): every `every_n_epochs`
+    epochs and the last one, never the sanity check. The same answer on every rank."""
+    if trainer.sanity_checking or every_n_epochs <= 0:
+        return False
+    epoch = trainer.current_epoch + 1
+    return epoch % every_n_epochs == 0 or epoch == trainer.max_epochs
+
+
 class ExportCallback(L.Callback):
     """At the end of fitting, rank zero writes the stage's export (`pl_module.export(dir)`) to `dirpath`.
 
@@ -44,11 +53,6 @@ class SampleGridCallback(L.Callback):
         self.every_n_epochs = every_n_epochs
         self.num_rows = num_rows
 
-    def _due(self, trainer: L.Trainer) -> bool:
-        epoch = trainer.current_epoch + 1
-        last = trainer.max_epochs is not None and epoch == trainer.max_epochs
-        return not trainer.sanity_checking and self.every_n_epochs > 0 and (epoch % self.every_n_epochs == 0 or last)
-
     def on_validation_batch_end(
         self,
         trainer: L.Trainer,
@@ -58,7 +62,7 @@ class SampleGridCallback(L.Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if batch_idx != 0 or dataloader_idx != 0 or not self._due(trainer):
+        if batch_idx != 0 or dataloader_idx != 0 or not evaluation_epoch(trainer, self.every_n_epochs):
             return
         # Every rank samples (sharded weights need all of them); rank zero saves and logs.
         rows = pl_module.preview_rows(batch, self.num_rows)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from transformers import CLIPModel
 
+from dalle_lightning.callbacks import evaluation_epoch
 from dalle_lightning.diffusion.objectives import diffusion_loss, training_scheduler
 from dalle_lightning.errors import UserError
 from dalle_lightning.export import read_manifest
@@ -121,13 +122,10 @@ class ImageDiffusionModule(StageModule):
     # --- validation ----------------------------------------------------------------------------------------
 
     def metrics_due(self) -> bool:
-        """Sampled-image metrics run every `every_n_epochs` epochs and at the last epoch, never in the sanity
-        check. The same answer on every rank, so the metrics' collectives match."""
+        """Sampled-image metrics run on evaluation epochs; the same answer on every rank, so the metrics'
+        collectives match."""
         every = int(self.metrics_config.get("every_n_epochs", 1))
-        if self.trainer.sanity_checking or every <= 0 or int(self.metrics_config.get("num_samples", 0)) <= 0:
-            return False
-        epoch = self.current_epoch + 1
-        return epoch % every == 0 or epoch == self.trainer.max_epochs
+        return int(self.metrics_config.get("num_samples", 0)) > 0 and evaluation_epoch(self.trainer, every)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         generator = torch.Generator(self.device).manual_seed(batch_idx)  # the same noise every epoch
