@@ -53,6 +53,32 @@ def read_manifest(path: str | Path, stage: str, option: str) -> dict[str, Any]:
     return info
 
 
+def load_stage_export(path: str | Path, stage: str, clip_export: str | Path | None = None, option: str | None = None):
+    """A trained stage module (prior, decoder, upsampler) rebuilt from its export, in eval mode.
+
+    The module is built as its manifest's training config says (`stage.module`), so sampling uses exactly
+    the code and defaults it was trained with; then the exported weights are loaded from safetensors
+    (`module.export_weights`: submodule → file). `clip_export` replaces the CLIP export the stage was
+    trained against (e.g. when exports were moved).
+    """
+    from hydra.utils import instantiate
+    from safetensors.torch import load_model
+
+    option = option or f"{stage} export"
+    info = read_manifest(path, stage, option)
+    module_config = ((info.get("config") or {}).get("stage") or {}).get("module")
+    if not module_config:
+        raise UserError(f"{option}='{path}' holds no training config: export it again with train.py stage={stage}")
+    overrides = {"clip_export": str(clip_export)} if clip_export is not None else {}
+    module = instantiate(module_config, tokenizer=None, **overrides, _convert_="all")
+    for name, file in module.export_weights.items():
+        weights = Path(path) / file
+        if not weights.is_file():
+            raise UserError(f"{option}='{path}' lacks {file}: the export is incomplete, export the stage again")
+        load_model(getattr(module, name), str(weights))
+    return module.eval().requires_grad_(False)
+
+
 def load_clip_export(path: str | Path, option: str = "stage.clip_export"):
     """(CLIPModel, tokenizer) from a CLIP export, in eval mode."""
     from transformers import CLIPModel

@@ -39,13 +39,14 @@ def guided_sample(
     guidance_scale: float = 1.0,
     progress: bool = False,
     generator: torch.Generator | None = None,
+    after_step: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Run `scheduler` from `noise` (seeded by `generator`). `denoise(x, t, with_uncond)` returns the model
     output for x, or for [x, x] (conditional then unconditional halves) when `with_uncond`, so guidance is
-    one forward pass."""
+    one forward pass. `after_step(x, i)` may edit the sample after step `i` (inpainting pins known pixels)."""
     x = noise * scheduler.init_noise_sigma
     guide = guidance_scale != 1.0
-    for t in tqdm(scheduler.timesteps, disable=not progress, desc="sampling", leave=False):
+    for i, t in enumerate(tqdm(scheduler.timesteps, disable=not progress, desc="sampling", leave=False)):
         model_input = scheduler.scale_model_input(x, t)
         if guide:
             conditional, unconditional = denoise(torch.cat([model_input, model_input]), t, True).chunk(2)
@@ -54,4 +55,6 @@ def guided_sample(
             output = denoise(model_input, t, False)
         # The generator also seeds the fresh noise of stochastic samplers (DDPM), so a seed fixes the result.
         x = scheduler.step(output, t, x, generator=generator).prev_sample
+        if after_step is not None:
+            x = after_step(x, i)
     return x

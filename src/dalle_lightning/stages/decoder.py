@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -56,6 +56,11 @@ class DecoderModule(ImageDiffusionModule):
     shards; with `model.text_tokens`, also `input_ids` (the CLIP export's tokenizer)."""
 
     stage_name = "decoder"
+    # What export() writes, for export.load_stage_export.
+    export_weights: ClassVar[dict[str, str]] = {
+        "unet": "unet/diffusion_pytorch_model.safetensors",
+        "context": "context.safetensors",
+    }
 
     def __init__(
         self,
@@ -168,9 +173,13 @@ class DecoderModule(ImageDiffusionModule):
         dynamic_thresholding: float | None = None,
         generator: torch.Generator | None = None,
         progress: bool = False,
+        noise: torch.Tensor | None = None,
+        known: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Images in [-1, 1] (N, 3, S, S) for L2-normalised image embeddings (N, D) (from the prior, or of real
-        images for reconstructions); unset arguments take the config's sampling defaults."""
+        images for reconstructions); unset arguments take the config's sampling defaults. `noise` gives the
+        starting noise (e.g. the same for every frame of an interpolation). `known = (images, mask)` inpaints:
+        only where `mask` (N, 1, S, S) is 1 is the image generated, the rest is pinned to `images`."""
         config = self.config
         steps = steps or int(config.get("sample_steps", 16))
         guidance_scale = float(config.get("guidance_scale", 3.0) if guidance_scale is None else guidance_scale)
@@ -187,9 +196,30 @@ class DecoderModule(ImageDiffusionModule):
             return self.denoise(x, t, both if with_uncond else conditional)
 
         scheduler = sampling_scheduler(sampler or config.get("sampler", "dpmsolver++"), self.noise, steps, threshold)
-        noise = torch.randn((n, 3, self.image_size, self.image_size), generator=generator, device=self.device)
-        images = guided_sample(denoise, noise, scheduler, guidance_scale, progress=progress, generator=generator)
+        if noise is None:
+            noise = torch.randn((n, 3, self.image_size, self.image_size), generator=generator, device=self.device)
+        pin = None if known is None else self.pin_known(scheduler, *known, generator)
+        images = guided_sample(
+            denoise, noise, scheduler, guidance_scale, progress=progress, generator=generator, after_step=pin
+        )
         return images.clamp(-1, 1)
+
+    def pin_known(self, scheduler, images: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None):
+        """Inpainting by replacement: after each step, outside the mask the sample is set to the known image
+        noised to the level of the next step (clean after the last), so the generated region grows to fit
+        what surrounds it. Works with any decoder, no inpainting training needed."""
+        images, mask = images.to(self.device), mask.to(self.device, images.dtype)
+        timesteps = scheduler.timesteps
+
+        def pin(x: torch.Tensor, i: int) -> torch.Tensor:
+            if i + 1 < len(timesteps):
+                fresh = torch.randn(images.shape, generator=generator, device=self.device)
+                level = self.noise.add_noise(images, fresh, timesteps[i + 1].repeat(images.shape[0]))
+            else:
+                level = images
+            return mask * x + (1 - mask) * level
+
+        return pin
 
     def sample(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
         """Reconstructions of the batch's images from their CLIP image embeddings."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,8 @@ class PriorModule(StageModule):
 
     # The frozen text encoder comes from the CLIP export: no need to store it with every checkpoint.
     frozen_prefixes = ("text_encoder.",)
+    # What export() writes, for export.load_stage_export.
+    export_weights: ClassVar[dict[str, str]] = {"prior": "prior/diffusion_pytorch_model.safetensors"}
 
     def __init__(
         self,

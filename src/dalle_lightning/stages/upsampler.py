@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +48,8 @@ class UpsamplerModule(ImageDiffusionModule):
     """Batches hold `image` at the output size (`model.image_size`); the low-resolution input is made from it."""
 
     stage_name = "upsampler"
+    # What export() writes, for export.load_stage_export.
+    export_weights: ClassVar[dict[str, str]] = {"unet": "unet/diffusion_pytorch_model.safetensors"}
 
     def __init__(
         self,
@@ -143,9 +145,11 @@ class UpsamplerModule(ImageDiffusionModule):
         dynamic_thresholding: float | None = None,
         generator: torch.Generator | None = None,
         progress: bool = False,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """High-resolution images in [-1, 1] for low-resolution images (N, 3, l, l) in [-1, 1]; `noise_aug` is
-        the conditioning noise level as a fraction of the schedule (0: trust the input as it is)."""
+        the conditioning noise level as a fraction of the schedule (0: trust the input as it is); `noise` the
+        starting noise, when it should not come from `generator`."""
         config = self.config
         steps = steps or int(config.get("sample_steps", 16))
         noise_aug = float(config.get("sample_noise_aug", 0.0) if noise_aug is None else noise_aug)
@@ -155,7 +159,8 @@ class UpsamplerModule(ImageDiffusionModule):
         aug_level = torch.full((n,), self.noise_level(noise_aug), device=self.device)
         condition = self.condition(low_res, aug_level, generator)
         scheduler = sampling_scheduler(sampler or config.get("sampler", "dpmsolver++"), self.noise, steps, threshold)
-        noise = torch.randn((n, 3, size, size), generator=generator, device=self.device)
+        if noise is None:
+            noise = torch.randn((n, 3, size, size), generator=generator, device=self.device)
         denoise = lambda x, t, with_uncond: self.denoise(x, t, condition)  # noqa: E731 (no guidance: no text)
         return guided_sample(denoise, noise, scheduler, 1.0, progress=progress, generator=generator).clamp(-1, 1)
 
