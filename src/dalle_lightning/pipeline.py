@@ -134,12 +134,14 @@ class UnCLIPPipeline:
         decoder: str | Path,
         upsampler: str | Path | None = None,
         device: str | torch.device | None = None,
+        option_prefix: str = "",
         **options: Any,
     ) -> UnCLIPPipeline:
-        """Load the stages from their export folders (`export/<stage>` after `train.py stage=<stage>`)."""
-        clip_model, tokenizer = load_clip_export(clip, "clip")
+        """Load the stages from their export folders (`export/<stage>` after `train.py stage=<stage>`); errors
+        name the argument as `<option_prefix><stage>` (e.g. the config key `exports.prior`)."""
+        clip_model, tokenizer = load_clip_export(clip, f"{option_prefix}clip")
         stages = {
-            name: load_stage_export(path, name, clip_export=clip, option=name)
+            name: load_stage_export(path, name, clip_export=clip, option=f"{option_prefix}{name}")
             for name, path in (("prior", prior), ("decoder", decoder), ("upsampler", upsampler))
             if path is not None
         }

@@ -1,0 +1,19 @@
+"""Generate images with the trained unCLIP stack: `python sample.py prompts='[a red circle]'` (see conf/sample.yaml)."""
+
+import hydra
+from omegaconf import DictConfig
+
+import dalle_lightning.resolvers  # noqa: F401  (registers ${dl.*} before composition)
+from dalle_lightning.errors import report_user_errors
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="sample")
+def main(cfg: DictConfig) -> None:
+    from dalle_lightning.sample import sample  # imported here so `--help`/`--cfg` stay fast
+
+    with report_user_errors():
+        sample(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""`sample.py`: images from the trained stack, in any of the pipeline's modes, saved as PNGs and a grid.
+
+Builds an `UnCLIPPipeline` from the exports named in `conf/sample.yaml`, runs the chosen mode, writes
+`<output_dir>/<index>.png` per image, `grid.png` with captions and `samples.json` (caption, file, filter
+verdict per image), and with `wandb=true` logs the grid and a table to an offline wandb run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+
+from dalle_lightning.errors import UserError
+from dalle_lightning.filters import ConceptFilter, PromptBlocklist
+from dalle_lightning.pipeline import PipelineOutput, UnCLIPPipeline, images_to_tensor
+
+log = logging.getLogger(__name__)
+
+MODES = ("text", "variations", "interpolate", "textdiff", "inpaint")
+
+
+def read_prompts(prompts: Sequence[str], prompt_file: str | None) -> list[str]:
+    """The prompts given inline, then those of the file (one per line; blank and # lines skipped)."""
+    result = [str(p) for p in prompts or []]
+    if prompt_file:
+        path = Path(prompt_file)
+        if not path.is_file():
+            raise UserError(f"prompt_file='{prompt_file}' does not exist: give a text file with one prompt per line")
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        result += [line for line in lines if line and not line.startswith("#")]
+    return result
+
+
+def build_pipeline(cfg: DictConfig) -> UnCLIPPipeline:
+    """The pipeline for the config's exports, sampling settings and filters."""
+    options = {f"{stage}_options": OmegaConf.to_container(cfg[stage]) for stage in ("prior", "decoder", "upsampler")}
+    exports = cfg.exports
+    pipe = UnCLIPPipeline.from_exports(
+        clip=exports.clip,
+        prior=exports.prior,
+        decoder=exports.decoder,
+        upsampler=exports.get("upsampler"),
+        device=cfg.get("device"),
+        option_prefix="exports.",
+        **options,
+    )
+    filters = cfg.get("filters") or {}
+    if filters.get("prompt_blocklist"):
+        pipe.prompt_filter = PromptBlocklist(filters.prompt_blocklist)
+    if filters.get("image_concepts"):
+        pipe.image_filter = ConceptFilter(
+            pipe.clip, pipe.tokenizer, list(filters.image_concepts), filters.get("image_threshold", 0.3)
+        )
+    return pipe
+
+
+def inpaint_masks(mask: Any, count: int, size: int) -> torch.Tensor:
+    """(count, 1, size, size) masks from a mask image file (white = regenerate) or a box [l, t, r, b] in
+    fractions of the image."""
+    if isinstance(mask, str):
+        if not Path(mask).is_file():
+            raise UserError(f"mask='{mask}' does not exist: give a mask image or a box [left, top, right, bottom]")
+        grey = Image.open(mask).convert("L").resize((size, size), Image.NEAREST)
+        single = torch.frombuffer(bytearray(grey.tobytes()), dtype=torch.uint8).view(1, size, size) > 127
+    elif mask is not None and len(mask) == 4 and all(0 <= float(v) <= 1 for v in mask):
+        left, top, right, bottom = (round(float(v) * size) for v in mask)
+        if right <= left or bottom <= top:
+            raise UserError(f"mask box {list(mask)} is empty: give [left, top, right, bottom] with left < right")
+        single = torch.zeros(1, size, size, dtype=torch.bool)
+        single[:, top:bottom, left:right] = True
+    else:
+        raise UserError("mode=inpaint needs mask=<mask image> or mask=[left, top, right, bottom] in fractions 0..1")
+    return single.float()[None].expand(count, -1, -1, -1)
+
+
+def run_mode(pipe: UnCLIPPipeline, cfg: DictConfig) -> PipelineOutput:
+    """Run `cfg.mode` with the config's prompts and images."""
+    mode = cfg.mode
+    prompts = read_prompts(cfg.get("prompts"), cfg.get("prompt_file"))
+    images = [str(p) for p in cfg.get("images") or []]
+
+    def need(what: str, have: int, count: int) -> None:  # count 0: at least one
+        if (have == 0) if count == 0 else (have != count):
+            raise UserError(f"mode={mode} needs {count or 'at least one'} {what}, got {have}")
+
+    if mode == "text":
+        need("prompts (prompts=[...] or prompt_file=...)", len(prompts), 0)
+        return pipe(prompts, cfg.num_images, cfg.seed, cfg.batch_size)
+    if mode == "variations":
+        need("images (images=[...])", len(images), 0)
+        return pipe.variations(images, cfg.num_images, cfg.seed)
+    if mode == "interpolate":
+        ends = prompts + images
+        need("ends, prompts or images", len(ends), 2)
+        return pipe.interpolate(ends[0], ends[1], cfg.frames, cfg.seed)
+    if mode == "textdiff":
+        need("image (images=[...])", len(images), 1)
+        if not cfg.get("source") or not cfg.get("target"):
+            raise UserError("mode=textdiff needs source='<caption of the image>' and target='<caption to move to>'")
+        return pipe.text_diff(images[0], cfg.source, cfg.target, list(cfg.amounts), cfg.seed)
+    if mode == "inpaint":
+        need("images (images=[...])", len(images), 0)
+        pixels = images_to_tensor(images, pipe.image_size)
+        masks = inpaint_masks(cfg.get("mask"), len(images), pipe.image_size)
+        if prompts and len(prompts) != len(images):
+            raise UserError(f"mode=inpaint takes one prompt per image or none: {len(prompts)} for {len(images)}")
+        return pipe.inpaint(pixels, masks, prompts or None, cfg.seed)
+    raise UserError(f"mode='{mode}' is unknown: use one of {', '.join(MODES)}")
+
+
+def save_output(out: PipelineOutput, output_dir: Path) -> list[dict[str, Any]]:
+    """One PNG per image, grid.png and samples.json; the per-image records."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    records = []
+    for i, (image, caption) in enumerate(zip(out.pil(), out.captions)):
+        image.save(output_dir / f"{i:04d}.png")
+        withheld = out.filtered[i] if out.filtered else None
+        records.append({"index": i, "caption": caption, "file": f"{i:04d}.png", "withheld_by": withheld})
+    out.grid().save(output_dir / "grid.png")
+    (output_dir / "samples.json").write_text(json.dumps(records, indent=2))
+    return records
+
+
+def wandb_run(output_dir: Path, job_type: str, config: DictConfig):
+    """An offline wandb run in the run folder (sync later with `wandb sync`)."""
+    import wandb
+
+    return wandb.init(
+        project="dalle-lightning",
+        job_type=job_type,
+        dir=str(output_dir),
+        mode="offline",
+        config=OmegaConf.to_container(config, resolve=True),
+    )
+
+
+def sample(cfg: DictConfig) -> PipelineOutput:
+    if cfg.mode not in MODES:
+        raise UserError(f"mode='{cfg.mode}' is unknown: use one of {', '.join(MODES)}")
+    pipe = build_pipeline(cfg)
+    out = run_mode(pipe, cfg)
+    output_dir = Path(cfg.output_dir)
+    records = save_output(out, output_dir)
+    if cfg.get("wandb"):
+        import wandb
+
+        run = wandb_run(output_dir, "sample", cfg)
+        table = wandb.Table(columns=["caption", "image", "withheld_by"])
+        for record, image in zip(records, out.pil()):
+            table.add_data(record["caption"], wandb.Image(image), record["withheld_by"])
+        run.log({"samples/grid": wandb.Image(str(output_dir / "grid.png")), "samples/table": table})
+        run.finish()
+    log.info("%d images in %s (grid: %s)", len(records), output_dir, output_dir / "grid.png")
+    print(f"wrote {len(records)} images and grid.png to {output_dir}")
+    return out
