@@ -53,6 +53,7 @@ __all__ = [
     "CompositionalAccuracy",
     "DetectedObject",
     "PromptSpec",
+    "judge",
     "parse_prompt",
     "read_objects",
     "score",
@@ -401,6 +402,14 @@ _SPLITS = ("seen", "heldout")
 _TALLIED = (*CATEGORIES, "colour_shape")
 
 
+def judge(image: Image.Image | np.ndarray | torch.Tensor, prompt: str | PromptSpec) -> dict[str, bool | None]:
+    """The verdicts of ``score`` for one image and its prompt, plus ``colour_shape`` (both right)."""
+    spec = parse_prompt(prompt) if isinstance(prompt, str) else prompt
+    verdicts = score(spec, read_objects(image), _side(image))
+    verdicts["colour_shape"] = bool(verdicts["colour"] and verdicts["shape"])
+    return verdicts
+
+
 class CompositionalAccuracy(Metric):
     """Oracle accuracy of generated Shapes images against their prompts, per category, split and kind.
 
@@ -451,8 +460,7 @@ class CompositionalAccuracy(Metric):
             except ValueError:
                 unparsed += 1
                 continue
-            verdicts = score(spec, read_objects(image), _side(image))
-            verdicts["colour_shape"] = bool(verdicts["colour"] and verdicts["shape"])
+            verdicts = judge(image, spec)
             split, kind = int(spec.heldout), KINDS.index(spec.kind)
             counted[split, kind] += 1
             for index, category in enumerate(_TALLIED):

@@ -63,6 +63,16 @@ class _InceptionFID(FrechetInceptionDistance):
         super().update(((imgs.float() + 1) / 2).clamp(0, 1), real)
 
 
+@torch.no_grad()
+def clip_scores(
+    clip: CLIPModel, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Each pair's CLIP score, `100 * max(cos(image, text), 0)`, for images in [-1, 1] and caption tokens."""
+    image = encode_images(clip, images.float())
+    text = encode_texts(clip, input_ids, attention_mask)
+    return 100 * (image * text).sum(-1).clamp_min(0)
+
+
 class ClipScore(Metric):
     """`100 * max(cos(image, text), 0)` averaged over pairs (Hessel et al. 2021), on a given CLIP."""
 
@@ -78,9 +88,7 @@ class ClipScore(Metric):
     @torch.no_grad()
     def update(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         """Images in [-1, 1] and the token ids of their captions (the CLIP's own tokenizer)."""
-        image = encode_images(self.clip, images.float())
-        text = encode_texts(self.clip, input_ids, attention_mask)
-        self.score_sum += (100 * (image * text).sum(-1).clamp_min(0)).double().sum()
+        self.score_sum += clip_scores(self.clip, images, input_ids, attention_mask).double().sum()
         self.count += images.shape[0]
 
     def compute(self) -> torch.Tensor:

@@ -1,0 +1,19 @@
+"""Evaluate the trained unCLIP stack: `python evaluate.py` (see conf/evaluate.yaml)."""
+
+import hydra
+from omegaconf import DictConfig
+
+import dalle_lightning.resolvers  # noqa: F401  (registers ${dl.*} before composition)
+from dalle_lightning.errors import report_user_errors
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    from dalle_lightning.evaluate import evaluate  # imported here so `--help`/`--cfg` stay fast
+
+    with report_user_errors():
+        evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()
