@@ -149,3 +149,35 @@ def tiny_clip_export(shapes_root, tmp_path_factory) -> Path:
     torch.manual_seed(0)
     module = ClipModule(cfg["model"]["clip"], cfg["optim"], None, tokenizer)
     return write_export(tmp / "clip", "clip", module.export)
+
+
+def write_stage_export(stage: str, clip_export: Path, tmp: Path, overrides: list[str] | None = None) -> Path:
+    """An export of a prior/decoder/upsampler with random weights, written with the resolved training config
+    (what `load_stage_export` rebuilds the module from), as `train.py stage=<stage>` would leave it."""
+    import hydra
+    import torch
+    from omegaconf import OmegaConf
+
+    from dalle_lightning.export import write_export
+
+    overrides = [f"stage={stage}", f"stage.clip_export={clip_export}", *(overrides or [])]
+    cfg = OmegaConf.to_container(compose_config(overrides, tmp), resolve=True)
+    torch.manual_seed(0)
+    module = hydra.utils.instantiate(cfg["stage"]["module"], tokenizer=None, _convert_="all")
+    if stage == "prior":
+        # A fresh PriorTransformer's embedding statistics are zeros (training measures them): with std 0 every
+        # sample would be the zero vector, so use the identity statistics of unit-scale embeddings instead.
+        module.prior.clip_mean.data.zero_()
+        module.prior.clip_std.data.fill_(1.0)
+    return write_export(tmp / stage, stage, module.export, cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_exports(tiny_clip_export, tmp_path_factory) -> dict[str, Path]:
+    """Exports of all four stages at the tiny presets (random weights): clip, prior, decoder (32 px) and
+    upsampler (32 → 64 px), as `UnCLIPPipeline.from_exports` takes them."""
+    tmp = tmp_path_factory.mktemp("stage_exports")
+    exports = {"clip": tiny_clip_export}
+    for stage in ("prior", "decoder", "upsampler"):
+        exports[stage] = write_stage_export(stage, tiny_clip_export, tmp)
+    return exports
