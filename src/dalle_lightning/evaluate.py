@@ -129,9 +129,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     rows = [
-        (prompt, [out.images[i]] + ([real[i]] if real is not None else []))
+        (prompt + (" [held-out]" if records[i].get("heldout") else ""), [out.images[i]])
         for i, prompt in enumerate(prompts[: cfg.grid_rows])
     ]
+    if real is not None:
+        rows = [(caption, [*images, real[i]]) for i, (caption, images) in enumerate(rows)]
     captioned_grid(rows).save(output_dir / "grid.png")
     (output_dir / "report.json").write_text(json.dumps(report, indent=2))
     (output_dir / "samples.json").write_text(json.dumps(records, indent=2))
