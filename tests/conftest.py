@@ -32,11 +32,11 @@ def shapes_root(tmp_path_factory) -> Path:
     return root
 
 
-def compose_config(overrides: list[str], tmp_path: Path) -> DictConfig:
-    """The train config as train.py would see it, with all paths under tmp_path."""
+def compose_config(overrides: list[str], tmp_path: Path, config_name: str = "train") -> DictConfig:
+    """A script's config (train.py's by default) as the script would see it, with all paths under tmp_path."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         del cfg["hydra"]  # as in a job: the hydra node is available through HydraConfig only
@@ -57,9 +57,14 @@ def shapes_overrides(root: Path) -> list[str]:
 
 def run_train(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run the real `python train.py ...` entry point in `cwd` (outputs land there)."""
+    return run_script("train.py", args, cwd, timeout)
+
+
+def run_script(script: str, args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run one of the root scripts (train.py, embed.py, sample.py, evaluate.py) in `cwd`."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_SILENT="true", TOKENIZERS_PARALLELISM="false")
     return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args],
+        [sys.executable, str(ROOT / script), *args],
         cwd=cwd,
         env=env,
         capture_output=True,

@@ -187,8 +187,6 @@ def test_interpolate_needs_two_steps_and_an_allowed_prompt(pipe, tmp_path):
         blocked.interpolate("a red circle", "a blue square", steps=2)
 
 
-# pipeline._endpoint asks Path(prompt).is_file(), which raises OSError (ENAMETOOLONG) past 255 bytes.
-@pytest.mark.xfail(strict=True, raises=OSError, reason="src bug: Path(prompt).is_file() on a long prompt")
 def test_interpolate_accepts_long_prompts(pipe):
     long_prompt = "a red circle to the left of a blue square " * 8  # longer than a file name may be
     out = pipe.interpolate(long_prompt, "a blue square", steps=2)

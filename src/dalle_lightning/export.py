@@ -38,18 +38,23 @@ def write_export(path: str | Path, stage: str, save: Callable[[Path], None], con
     return path
 
 
+def _article(word: object) -> str:
+    return "an" if str(word)[:1] in "aeiou" else "a"
+
+
 def read_manifest(path: str | Path, stage: str, option: str) -> dict[str, Any]:
     """The manifest of an export, checked to be of `stage`; `option` is the config key that named it."""
     path = Path(path)
     manifest = path / MANIFEST
     if not manifest.is_file():
         raise UserError(
-            f"{option}='{path}' is not a {stage} export (no {MANIFEST}): train with stage={stage} first, "
-            f"or point {option} at its export folder"
+            f"{option}='{path}' is not {_article(stage)} {stage} export (no {MANIFEST}): "
+            f"train with stage={stage} first, or point {option} at its export folder"
         )
     info = json.loads(manifest.read_text())
     if info.get("stage") != stage:
-        raise UserError(f"{option}='{path}' is a {info.get('stage')} export, not a {stage} export")
+        found = info.get("stage")
+        raise UserError(f"{option}='{path}' is {_article(found)} {found} export, not {_article(stage)} {stage} export")
     return info
 
 

@@ -59,7 +59,7 @@ def images_to_tensor(images: Sequence[ImageInput] | torch.Tensor, size: int | No
         if isinstance(image, Image.Image):
             if size is not None:
                 image = image.convert("RGB").resize((size, size), Image.BICUBIC)
-            image = torch.from_numpy(np.asarray(to_pil(image))).permute(2, 0, 1).float() / 127.5 - 1
+            image = torch.from_numpy(np.array(to_pil(image))).permute(2, 0, 1).float() / 127.5 - 1
         elif size is not None and image.shape[-1] != size:
             image = F.interpolate(image[None].float(), size=(size, size), mode="bicubic", antialias=True)[0]
         tensors.append(image.float().clamp(-1, 1))
@@ -274,7 +274,7 @@ class UnCLIPPipeline:
         return self._finish(out, embeds, captions, [False] * len(captions))
 
     def _endpoint(self, item: str | ImageInput, generator: torch.Generator) -> tuple[torch.Tensor, str]:
-        if isinstance(item, str) and not Path(item).is_file():  # a prompt: the prior's embedding for it
+        if isinstance(item, str) and not _is_file(item):  # a prompt: the prior's embedding for it
             if self.prompt_filter and self.prompt_filter(item):
                 raise UserError(f"the prompt '{item}' is blocked by the prompt filter")
             return self.prior_embeddings([item], generator)[0], item
@@ -346,6 +346,13 @@ class UnCLIPPipeline:
             embeds, captions = self.image_embeddings(images), ["inpainted"] * images.shape[0]
         out = self.decode(embeds, prompts, generator, known=(images, (masks > 0.5).float()))
         return self._finish(out, embeds, captions, [False] * len(captions))
+
+
+def _is_file(text: str) -> bool:
+    try:
+        return Path(text).is_file()
+    except OSError:  # e.g. a long prompt is not a valid file name
+        return False
 
 
 def _batches(items: list[str], batch_size: int, progress: bool, desc: str) -> Iterator[list[str]]:
