@@ -186,3 +186,15 @@ def tiny_exports(tiny_clip_export, tmp_path_factory) -> dict[str, Path]:
     for stage in ("prior", "decoder", "upsampler"):
         exports[stage] = write_stage_export(stage, tiny_clip_export, tmp)
     return exports
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny models: on small VMs a second thread mostly spin-waits (2-3x
+    slower). Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

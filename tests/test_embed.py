@@ -28,13 +28,7 @@ EMB_MEMBERS = ("img_emb.npy", "txt_emb.npy", "txt_ids.npy")
 SAMPLES_PER_SHARD = 40
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny CLIP runs fastest on one thread (on small VMs, OpenMP's spin-waiting makes two far slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -45,23 +45,21 @@ CSV_LOGGER = [
 ]
 
 
+def run_script(label: str, script: str, run_dir: Path, args: list[str]) -> float:
+    """Run a root script (train.py, embed.py, evaluate.py) with its run folder at `run_dir`; its wall time."""
+    command = [sys.executable, str(ROOT / script), f"hydra.run.dir={run_dir}", *args]
+    print(f"\n=== {label}: {' '.join(command[1:])}", flush=True)
+    start = time.perf_counter()
+    subprocess.run(command, cwd=ROOT, check=True)
+    return time.perf_counter() - start
+
+
 def train_stage(stage: str, extra: list[str] = ()) -> tuple[dict[str, float], float, Path]:
     """Run `train.py experiment=demo/<stage>`; return its metrics, wall time and run folder."""
     run_dir = OUT / "runs" / stage
     shutil.rmtree(run_dir, ignore_errors=True)
-    command = [
-        sys.executable,
-        str(ROOT / "train.py"),
-        f"experiment=demo/{stage}",
-        f"hydra.run.dir={run_dir}",
-        f"paths.export_dir={OUT / 'export'}",
-        *CSV_LOGGER,
-        *extra,
-    ]
-    print(f"\n=== {stage}: {' '.join(command[1:])}", flush=True)
-    start = time.perf_counter()
-    subprocess.run(command, cwd=ROOT, check=True)
-    seconds = time.perf_counter() - start
+    args = [f"experiment=demo/{stage}", f"paths.export_dir={OUT / 'export'}", *CSV_LOGGER, *extra]
+    seconds = run_script(stage, "train.py", run_dir, args)
     return json.loads((run_dir / "metrics.json").read_text()), seconds, run_dir
 
 
@@ -137,16 +135,8 @@ def embed_shapes(clip_export: Path) -> dict[str, str]:
     shutil.rmtree(out, ignore_errors=True)  # the CLIP was just retrained: old embeddings are stale
     patterns = {}
     for split in ("train", "val"):
-        command = [
-            sys.executable,
-            str(ROOT / "embed.py"),
-            f"clip_export={clip_export}",
-            f"shards='{manifest['shards'][split]}'",
-            f"output_dir={out / split}",
-            f"hydra.run.dir={OUT / 'runs' / f'embed_{split}'}",
-        ]
-        print(f"\n=== embed {split}: {' '.join(command[1:])}", flush=True)
-        subprocess.run(command, cwd=ROOT, check=True)
+        args = [f"clip_export={clip_export}", f"shards='{manifest['shards'][split]}'", f"output_dir={out / split}"]
+        run_script(f"embed {split}", "embed.py", OUT / "runs" / f"embed_{split}", args)
         patterns[split] = str(out / split / f"{split}-*.tar")
     return patterns
 
@@ -156,18 +146,8 @@ def evaluate_chain() -> tuple[dict[str, Any], float, Path]:
     held-out combinations): CLIP score against the real images', FD-CLIP, compositional accuracy."""
     run_dir = OUT / "runs" / "chain"
     shutil.rmtree(run_dir, ignore_errors=True)
-    command = [
-        sys.executable,
-        str(ROOT / "evaluate.py"),
-        f"paths.export_dir={OUT / 'export'}",
-        f"hydra.run.dir={run_dir}",
-        *CHAIN_ARGS,
-        "wandb=true",
-    ]
-    print(f"\n=== chain: {' '.join(command[1:])}", flush=True)
-    start = time.perf_counter()
-    subprocess.run(command, cwd=ROOT, check=True)
-    seconds = time.perf_counter() - start
+    args = [f"paths.export_dir={OUT / 'export'}", *CHAIN_ARGS, "wandb=true"]
+    seconds = run_script("chain", "evaluate.py", run_dir, args)
     result = json.loads((run_dir / "report.json").read_text())
     compositional = result["compositional"]
     chain = {
