@@ -32,9 +32,9 @@ SHAPES_DIR = ROOT / "data" / "shapes"
 SHAPES_ARGS = dict(num_train=20_000, num_val=1000, size=64, seed=0, samples_per_shard=1000)
 
 
-# The chain evaluation: the first 160 val captions (about half held-out), one image each, with fewer sampling
+# The chain evaluation: the first 128 val captions (about half held-out), one image each, with fewer sampling
 # steps than training's previews (DPM-Solver++ needs few) to stay inside the demo's time.
-CHAIN_ARGS = ["num_samples=160", "decoder.steps=10", "upsampler.steps=6"]
+CHAIN_ARGS = ["num_samples=128", "decoder.steps=10", "upsampler.steps=6"]
 
 # Lightning's CSV logger beside wandb: the demo reads each metric's first value from it.
 CSV_LOGGER = [
