@@ -33,6 +33,13 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# Throughput of every stage (benchmarks/bench.py; BENCH_ARGS passes more options, e.g. --only/--quick/--compile).
+# With the peer's environment (PEER_PYTHON, or the one ../shared/bench/setup_peer.sh makes at /tmp/peer-dalle2)
+# DALLE2-pytorch runs in the same run and the table shows our/peer ratios.
+PEER_PYTHON ?= $(wildcard /tmp/peer-dalle2/bin/python)
+bench: install
+	$(PY) benchmarks/bench.py --json outputs/bench.json $(if $(PEER_PYTHON),--peer $(PEER_PYTHON)) $(BENCH_ARGS)
+
 format: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
