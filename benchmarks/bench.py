@@ -859,98 +859,61 @@ def main(argv=None) -> dict:
         f"{meta['threads']}" + (" | compile" if args.compile else "")
     )
 
+    # Each training benchmark: the stage, its config overrides, the batch it steps on, the network whose
+    # parameters are counted, and what the row reports besides.
+    decoder = {"stage": "decoder", "network": "unet"}
+    train_specs = {
+        "decoder32_train": dict(
+            decoder,
+            overrides=[*DECODER_MATCHED, "model.decoder.image_size=32"],
+            make_batch=decoder_batch(32, args.batch32),
+            image_size=32,
+        ),
+        "decoder32_train_peerlayout": dict(
+            decoder,
+            overrides=[*DECODER_PEER_LAYOUT, "model.decoder.image_size=32"],
+            make_batch=decoder_batch(32, args.batch32),
+            image_size=32,
+        ),
+        "decoder64_train": dict(
+            decoder,
+            overrides=[*DECODER_MATCHED, "model.decoder.image_size=64"],
+            make_batch=decoder_batch(64, args.batch64),
+            image_size=64,
+        ),
+        "prior_train": dict(
+            stage="prior",
+            overrides=PRIOR_MATCHED,
+            make_batch=prior_batch(args.batch_prior),
+            network="prior",
+            prepare=prior_statistics,
+            conditioning="text embedding only",
+        ),
+        "upsampler_train": dict(
+            stage="upsampler",
+            overrides=[],
+            make_batch=image_batch(64, args.batch_upsampler),
+            network="unet",
+            preset="model/upsampler/tiny (32 -> 64 px, 32 px training crops)",
+            image_size=64,
+        ),
+        "clip_train": dict(
+            stage="clip",
+            overrides=CLIP_TINY,
+            make_batch=clip_batch(32, args.batch_clip, 1024, 24),
+            network="model",
+            preset="model/clip/tiny",
+            image_size=32,
+        ),
+    }
+
     results: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="dalle-bench-") as tmp:
         workdir = Path(tmp)
         for name in args.only:
             t0 = time.perf_counter()
-            if name == "decoder32_train":
-                rows = [
-                    train_benchmark(
-                        name,
-                        "decoder",
-                        [*DECODER_MATCHED, "model.decoder.image_size=32"],
-                        decoder_batch(32, args.batch32),
-                        "unet",
-                        args,
-                        device,
-                        workdir,
-                        image_size=32,
-                    )
-                ]
-            elif name == "decoder32_train_peerlayout":
-                rows = [
-                    train_benchmark(
-                        name,
-                        "decoder",
-                        [*DECODER_PEER_LAYOUT, "model.decoder.image_size=32"],
-                        decoder_batch(32, args.batch32),
-                        "unet",
-                        args,
-                        device,
-                        workdir,
-                        image_size=32,
-                    )
-                ]
-            elif name == "decoder64_train":
-                rows = [
-                    train_benchmark(
-                        name,
-                        "decoder",
-                        [*DECODER_MATCHED, "model.decoder.image_size=64"],
-                        decoder_batch(64, args.batch64),
-                        "unet",
-                        args,
-                        device,
-                        workdir,
-                        image_size=64,
-                    )
-                ]
-            elif name == "prior_train":
-                rows = [
-                    train_benchmark(
-                        name,
-                        "prior",
-                        PRIOR_MATCHED,
-                        prior_batch(args.batch_prior),
-                        "prior",
-                        args,
-                        device,
-                        workdir,
-                        prepare=prior_statistics,
-                        conditioning="text embedding only",
-                    )
-                ]
-            elif name == "upsampler_train":
-                rows = [
-                    train_benchmark(
-                        name,
-                        "upsampler",
-                        [],
-                        image_batch(64, args.batch_upsampler),
-                        "unet",
-                        args,
-                        device,
-                        workdir,
-                        preset="model/upsampler/tiny (32 -> 64 px, 32 px training crops)",
-                        image_size=64,
-                    )
-                ]
-            elif name == "clip_train":
-                rows = [
-                    train_benchmark(
-                        name,
-                        "clip",
-                        CLIP_TINY,
-                        clip_batch(32, args.batch_clip, 1024, 24),
-                        "model",
-                        args,
-                        device,
-                        workdir,
-                        preset="model/clip/tiny",
-                        image_size=32,
-                    )
-                ]
+            if name in train_specs:
+                rows = [train_benchmark(name, args=args, device=device, workdir=workdir, **train_specs[name])]
             elif name == "sample":
                 rows = sample_benchmarks(args, device, workdir)
             elif name == "loader":
