@@ -163,6 +163,10 @@ class UnCLIPPipeline:
         """The side of the images the pipeline makes."""
         return self.upsampler.image_size if self.upsampler is not None else self.decoder.image_size
 
+    def blocked(self, prompt: str) -> bool:
+        """Whether the prompt filter (if any) refuses the prompt."""
+        return bool(self.prompt_filter and self.prompt_filter(prompt))
+
     def generator(self, seed: int) -> torch.Generator:
         return torch.Generator(self.device).manual_seed(int(seed))
 
@@ -249,7 +253,7 @@ class UnCLIPPipeline:
         """Text to image: `num_images_per_prompt` images per prompt, in prompt order, seeded."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         captions = [p for p in prompts for _ in range(num_images_per_prompt)]
-        blocked = [bool(self.prompt_filter and self.prompt_filter(p)) for p in captions]
+        blocked = [self.blocked(p) for p in captions]
         allowed = [c for c, b in zip(captions, blocked) if not b]
         generator = self.generator(seed)
         images = torch.full((len(captions), 3, self.image_size, self.image_size), -1.0)
@@ -275,7 +279,7 @@ class UnCLIPPipeline:
 
     def _endpoint(self, item: str | ImageInput, generator: torch.Generator) -> tuple[torch.Tensor, str]:
         if isinstance(item, str) and not _is_file(item):  # a prompt: the prior's embedding for it
-            if self.prompt_filter and self.prompt_filter(item):
+            if self.blocked(item):
                 raise UserError(f"the prompt '{item}' is blocked by the prompt filter")
             return self.prior_embeddings([item], generator)[0], item
         return self.image_embeddings([item])[0], "image"
@@ -305,7 +309,7 @@ class UnCLIPPipeline:
     ) -> PipelineOutput:
         """DALL-E 2's text diffs: move the image's embedding towards the normalised difference of the
         target and source captions' text embeddings (slerp by each amount), from the same noise."""
-        if self.prompt_filter and self.prompt_filter(target):
+        if self.blocked(target):
             raise UserError(f"the prompt '{target}' is blocked by the prompt filter")
         image_embed = self.image_embeddings([image])
         texts = self.text_embeddings([source, target])
@@ -338,7 +342,7 @@ class UnCLIPPipeline:
         generator = self.generator(seed)
         if prompts is not None:
             prompts = list(prompts)
-            blocked = [bool(self.prompt_filter and self.prompt_filter(p)) for p in prompts]
+            blocked = [self.blocked(p) for p in prompts]
             if any(blocked):
                 raise UserError("a prompt is blocked by the prompt filter: " + prompts[blocked.index(True)])
             embeds, captions = self.prior_embeddings(prompts, generator), [f"inpainted: {p}" for p in prompts]
