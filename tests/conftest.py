@@ -55,14 +55,18 @@ def shapes_overrides(root: Path) -> list[str]:
     ]
 
 
-def run_train(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_train(
+    args: list[str], cwd: Path, timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """Run the real `python train.py ...` entry point in `cwd` (outputs land there)."""
-    return run_script("train.py", args, cwd, timeout)
+    return run_script("train.py", args, cwd, timeout, env)
 
 
-def run_script(script: str, args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run one of the root scripts (train.py, embed.py, sample.py, evaluate.py) in `cwd`."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_SILENT="true", TOKENIZERS_PARALLELISM="false")
+def run_script(
+    script: str, args: list[str], cwd: Path, timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run one of the root scripts (train.py, embed.py, sample.py, evaluate.py) in `cwd`; `env` adds variables."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_SILENT="true", TOKENIZERS_PARALLELISM="false", **(env or {}))
     return subprocess.run(
         [sys.executable, str(ROOT / script), *args],
         cwd=cwd,

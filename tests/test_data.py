@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
-from conftest import Detonator, write_tar
+from conftest import Detonator, small_shapes, write_tar
 from dalle_lightning.data.datamodule import ShardDataModule
 from dalle_lightning.data.decode import (
     SKIP_REASONS,
@@ -22,7 +23,7 @@ from dalle_lightning.data.decode import (
     decode_npy,
     to_rgb,
 )
-from dalle_lightning.data.shards import SampleDecoder, eval_pipeline, expand_shards, train_pipeline
+from dalle_lightning.data.shards import SampleDecoder, TrainStream, eval_pipeline, expand_shards
 from dalle_lightning.errors import UserError
 
 
@@ -225,16 +226,36 @@ def test_eval_pipeline_splits_samples_across_ranks(tmp_path, monkeypatch):
     assert [len(s) for s in seen] == [3, 3, 3]
 
 
-def test_train_stream_is_deterministic_for_a_seed(shapes_root):
+def test_train_stream_is_deterministic_for_a_seed_and_differs_by_epoch(shapes_root):
     urls = expand_shards(json.loads((shapes_root / "manifest.json").read_text())["shards"]["train"])
 
-    def first_keys(seed):
-        pipe = train_pipeline(urls, SampleDecoder(32, 16), 8, 3, shuffle_buffer=50, seed=seed)
-        return [k for b in pipe for k in b["key"]]
+    def keys(seed, epoch=0, num_workers=0):
+        stream = TrainStream(urls, SampleDecoder(32, 16), 8, 3, shuffle_buffer=50, seed=seed)
+        stream.epoch = epoch
+        loader = DataLoader(stream, batch_size=None, num_workers=num_workers)
+        return [k for b in loader for k in b["key"]]
 
-    assert first_keys(1) == first_keys(1)
-    assert first_keys(1) != first_keys(2)
-    assert len(first_keys(1)) == 24  # 3 batches of 8: the epoch length
+    assert keys(1) == keys(1)
+    assert keys(1) != keys(2)
+    assert len(keys(1)) == 24  # 3 batches of 8: the epoch length
+    # Each epoch reads its own order, also in a fresh worker process (a copy of the stream each epoch).
+    assert keys(1, epoch=1, num_workers=1) == keys(1, epoch=1) != keys(1, epoch=0, num_workers=1)
+
+
+def test_train_loader_resumes_at_the_batch_after_the_checkpoint(shapes_root):
+    """A datamodule restored from a checkpoint's state goes on with the next batch of the interrupted epoch,
+    and a checkpoint from an epoch's end goes on with the next epoch."""
+    dm = small_shapes(shapes_root, image_size=32, batch_size=8, samples_per_epoch=48, num_workers=2)
+    dm.setup("fit")
+    epochs = []
+    for epoch in (0, 1):
+        dm.load_state_dict({"train_epoch": epoch, "train_batches": 0})
+        epochs.append([b["key"] for b in dm.train_dataloader()])
+    assert len(epochs[0]) == 6 and epochs[0] != epochs[1]
+    dm.load_state_dict({"train_epoch": 0, "train_batches": 4})
+    assert [b["key"] for b in dm.train_dataloader()] == epochs[0][4:]
+    dm.load_state_dict({"train_epoch": 0, "train_batches": 6})
+    assert [b["key"] for b in dm.train_dataloader()] == epochs[1]
 
 
 def test_datamodule_batches_from_shards(shapes_root):

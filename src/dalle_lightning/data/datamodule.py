@@ -16,10 +16,31 @@ from lightning.pytorch.accelerators import CUDAAccelerator
 from torch.utils.data import DataLoader
 
 from dalle_lightning.data import shapes
-from dalle_lightning.data.shards import SampleDecoder, eval_pipeline, expand_shards, train_pipeline
+from dalle_lightning.data.shards import SampleDecoder, TrainStream, eval_pipeline, expand_shards
 from dalle_lightning.errors import UserError
 
 log = logging.getLogger(__name__)
+
+
+class TrainLoader(DataLoader):
+    """The training DataLoader: before each pass it sets the stream's epoch, and after a resume it skips the
+    batches the interrupted run had already trained on, so that the run goes on with the very next batch.
+
+    Skipping re-reads those batches (a shuffled tar stream cannot seek), at most one epoch of loading with
+    no training compute.
+    """
+
+    def __init__(self, stream: TrainStream, position: Callable[[], tuple[int, int]], **kwargs: Any):
+        super().__init__(stream, batch_size=None, **kwargs)
+        self.position = position
+
+    def __iter__(self):
+        epoch, skip = self.position()
+        self.dataset.epoch = epoch
+        iterator = super().__iter__()
+        for _ in range(skip):
+            next(iterator)
+        return iterator
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -74,6 +95,7 @@ class ShardDataModule(L.LightningDataModule):
         self.random_crop = random_crop
         self.train_urls: list[str] = []
         self.val_urls: list[str] = []
+        self._resume_position: tuple[int, int] | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit"):
@@ -115,19 +137,20 @@ class ShardDataModule(L.LightningDataModule):
             self.seed,
         )
 
-    def _loader(self, pipeline, num_workers: int) -> DataLoader:
+    def _loader_options(self, num_workers: int) -> dict[str, Any]:
         on_gpu = self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator)
-        return DataLoader(
-            pipeline,
-            batch_size=None,
+        return dict(
             num_workers=num_workers,
             pin_memory=on_gpu,
             persistent_workers=False,
             prefetch_factor=4 if num_workers else None,
+            # Worker seeds from a generator of their own, not the global RNG, so that making an iterator does
+            # not shift the random numbers of training steps (which a resumed run restores exactly).
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def train_dataloader(self) -> DataLoader:
-        pipeline = train_pipeline(
+        stream = TrainStream(
             self.train_urls,
             self._decoder(self.random_crop),
             self.batch_size,
@@ -136,7 +159,29 @@ class ShardDataModule(L.LightningDataModule):
             self.seed,
             self.num_workers,
         )
-        return self._loader(pipeline, self.num_workers)
+        return TrainLoader(stream, self._train_position, **self._loader_options(self.num_workers))
+
+    def _train_position(self) -> tuple[int, int]:
+        """(epoch, batches to skip) for the training pass that is starting."""
+        if self._resume_position is not None:
+            position, self._resume_position = self._resume_position, None
+            return position
+        return (self.trainer.current_epoch if self.trainer is not None else 0), 0
+
+    # Where the training stream stands, saved in every checkpoint (Lightning calls these for datamodules).
+    def state_dict(self) -> dict[str, Any]:
+        if self.trainer is None:
+            return {}
+        trained = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"train_epoch": self.trainer.current_epoch, "train_batches": trained}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "train_epoch" not in state_dict:
+            return
+        epoch, batches = int(state_dict["train_epoch"]), int(state_dict["train_batches"])
+        per_epoch = self.batches_per_worker() * max(1, self.num_workers)
+        # A checkpoint from the end of an epoch resumes with the next epoch's first batch.
+        self._resume_position = (epoch + 1, 0) if batches >= per_epoch else (epoch, batches)
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_urls:
@@ -144,7 +189,7 @@ class ShardDataModule(L.LightningDataModule):
         limit = self.val_samples
         # One worker reads the validation shards in order, so "the first val_samples" is well defined.
         pipeline = eval_pipeline(self.val_urls, self._decoder(), self.val_batch_size, limit)
-        return self._loader(pipeline, min(1, self.num_workers))
+        return DataLoader(pipeline, batch_size=None, **self._loader_options(min(1, self.num_workers)))
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         # Images travel as uint8 (4x less to copy); they become floats in [-1, 1] on the device.

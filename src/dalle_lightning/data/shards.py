@@ -9,10 +9,10 @@ even a single validation shard serves every rank.
 from __future__ import annotations
 
 import glob
+import itertools
 import logging
 import os
 import random
-import warnings
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 import webdataset as wds
+from torch.utils.data import IterableDataset
 from webdataset.utils import pytorch_worker_info, pytorch_worker_seed
 
 from dalle_lightning.data.decode import (
@@ -94,6 +95,7 @@ class SampleDecoder:
         npy_fields: Sequence[str] = (),
         random_crop: bool = False,
         seed: int = 0,
+        max_failed_shards: int = 20,
     ):
         self.image_size = image_size
         self.min_image_size = min_image_size
@@ -103,22 +105,50 @@ class SampleDecoder:
         self.random_crop = random_crop
         self.seed = seed
         self.counter = SkipCounter()
-        self._rng: random.Random | None = None
+        # Unreadable shards in a row since the last usable sample: past `max_failed_shards` the source is
+        # broken, not unlucky, and the resampled training stream would retry it forever (and under DDP the
+        # other ranks would wait for this one in their next collective until the job's time limit).
+        self.max_failed_shards = max_failed_shards
+        self.failed_shards = 0
+        # Random crops draw from this; the training stream reseeds it per (seed, epoch, rank, worker).
+        self.rng: random.Random | None = None
 
     def handler(self, exn: Exception) -> bool:
-        """webdataset error handler for unreadable shards (missing, corrupt, truncated): skip to the next."""
+        """webdataset error handler for unreadable shards (missing, corrupt, truncated, a failing `pipe:`
+        command): count the shard once and go on with the next one.
+
+        Which webdataset stage caught the error decides what "go on" means. In the member loop
+        (`tar_file_iterator`) a failed read leaves the tar stream at an unknown position, so that shard is
+        abandoned (False ends only its loop; webdataset then closes the shard's last sample at the shard's end
+        instead of merging it with the next shard's first, and the same failure is not caught and counted a
+        second time one level up). A duplicate member name (`group_by_keys`) is not an unreadable shard: the
+        sample keeps its first member and reading goes on.
+        """
+        message = " ".join(str(exn).split())[:300]
+        stage = exn.__traceback__.tb_frame.f_code.co_name if exn.__traceback__ is not None else ""
+        if stage == "group_by_keys":
+            log.warning("shard data with a duplicate member, first one kept: %s", message)
+            return True
         self.counter.add("bad_shard")
-        log.warning("skipping unreadable shard data: %s", str(exn)[:300])
-        return True
+        self.failed_shards += 1
+        log.warning("skipping unreadable shard data: %s", message)
+        if self.failed_shards >= self.max_failed_shards:
+            rank, world_size, worker, _ = pytorch_worker_info()
+            raise UserError(
+                f"rank {rank} of {world_size} (loader worker {worker}): {self.failed_shards} shards in a row could "
+                f"not be read, the last with: {message[:200]}; check data.train_shards (and data.val_shards): "
+                "the paths, their permissions, and that a pipe: command works on its own in a shell"
+            )
+        return stage != "tar_file_iterator"
 
     def decode(self, sample: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {"key": sample.get("__key__", "")}
         meta = decode_json(sample.get("json"))
         if self.image_size is not None:
-            if self._rng is None:
-                self._rng = random.Random(self.seed * 100_003 + pytorch_worker_seed())
+            if self.rng is None:
+                self.rng = random.Random(self.seed * 100_003 + pytorch_worker_seed())
             out["image"] = decode_image(
-                image_member(sample), self.image_size, self.min_image_size, self.random_crop, self._rng
+                image_member(sample), self.image_size, self.min_image_size, self.random_crop, self.rng
             )
         caption = decode_caption(sample.get("txt"))
         out["caption"] = caption
@@ -135,9 +165,12 @@ class SampleDecoder:
     def samples(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         for sample in src:
             try:
-                yield self.decode(sample)
+                decoded = self.decode(sample)
             except SkipSample as skip:
                 self.counter.add(skip.reason)
+                continue
+            self.failed_shards = 0  # the source works: failures so far were bad shards, not a bad source
+            yield decoded
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         captions = [s["caption"] for s in samples]
@@ -164,40 +197,83 @@ class SampleDecoder:
         return batch
 
     def batches(self, src: Iterable[dict[str, Any]], batch_size: int, partial: bool) -> Iterator[dict]:
+        """Batches of `batch_size` samples; with `partial` (a finite pass, validation) also the last short one.
+
+        A finite pass counts exactly what it skipped: it starts from zero (a pass broken off early, like
+        Lightning's sanity check, leaves its reads behind in the counter) and holds each batch back until the
+        next one is due, so that what is skipped after the last usable sample (a bad last shard) still
+        travels with the pass's last batch instead of being lost.
+        """
+        if partial:
+            self.counter.pop()
+        held: dict[str, Any] | None = None
         pending: list[dict[str, Any]] = []
         for sample in self.samples(src):
             pending.append(sample)
             if len(pending) == batch_size:
-                yield self.collate(pending)
+                if not partial:
+                    yield self.collate(pending)
+                else:
+                    if held is not None:
+                        yield held
+                    held = self.collate(pending)
                 pending = []
-        if pending and partial:
-            yield self.collate(pending)
+        if not partial:
+            return
+        if pending:
+            if held is not None:
+                yield held
+            held = self.collate(pending)
+        if held is not None:
+            for reason, count in self.counter.pop().items():
+                held["skipped"][reason] = held["skipped"].get(reason, 0) + count
+            yield held
 
 
-def train_pipeline(
-    urls: list[str],
-    decoder: SampleDecoder,
-    batch_size: int,
-    batches_per_worker: int,
-    shuffle_buffer: int,
-    seed: int,
-    num_workers: int = 1,
-) -> wds.DataPipeline:
-    """Infinite resampled stream, shuffled, batched, cut into epochs of `batches_per_worker` batches.
+class TrainStream(IterableDataset):
+    """The training stream of one epoch: resampled shards, shuffled, batched, `batches_per_worker` batches.
 
-    Shard choice is seeded by (seed, rank, worker, epoch), so each rank and worker reads its own,
-    reproducible sequence; no node splitter is needed because every rank draws its own shards.
+    Every random choice (shards, shuffle order, crops) is seeded by (seed, epoch, rank, worker), and `epoch`
+    is set by the loader before each pass, so epochs differ from each other and a resumed run reads exactly
+    the batches the uninterrupted run would have read. (webdataset's own epoch counters restart in every
+    fresh worker copy, which would replay the first epoch's order every epoch.) No node splitter is needed:
+    every rank draws its own shards.
     """
-    pipeline = wds.DataPipeline(
-        wds.ResampledShards(urls, seed=seed, deterministic=True),
-        wds.tarfile_to_samples(handler=decoder.handler),
-        wds.detshuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed),
-        lambda src: decoder.batches(src, batch_size, partial=False),
-    ).with_epoch(batches_per_worker)
-    with warnings.catch_warnings():  # it warns that a length does not cut the epoch: with_epoch does that
-        warnings.simplefilter("ignore", UserWarning)
-        # The epoch's length in batches over all workers, for progress bars and LR schedules.
-        return pipeline.with_length(batches_per_worker * max(1, num_workers))
+
+    def __init__(
+        self,
+        urls: list[str],
+        decoder: SampleDecoder,
+        batch_size: int,
+        batches_per_worker: int,
+        shuffle_buffer: int,
+        seed: int,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        self.urls = urls
+        self.decoder = decoder
+        self.batch_size = batch_size
+        self.batches_per_worker = batches_per_worker
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.num_workers = num_workers
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        """Batches per epoch over all workers of this rank (for progress bars and LR schedules)."""
+        return self.batches_per_worker * max(1, self.num_workers)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        seed = wds.utils.make_seed(self.seed, self.epoch)
+        self.decoder.rng = random.Random(wds.utils.make_seed(seed, pytorch_worker_seed()))
+        pipeline = wds.DataPipeline(
+            wds.ResampledShards(self.urls, seed=seed, deterministic=True),
+            wds.tarfile_to_samples(handler=self.decoder.handler),
+            wds.detshuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), seed=seed),
+            lambda src: self.decoder.batches(src, self.batch_size, partial=False),
+        )
+        return itertools.islice(iter(pipeline), self.batches_per_worker)
 
 
 def _rank_slice(src: Iterable[dict], limit: int | None) -> Iterator[dict]:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import random
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from hydra.utils import instantiate
 
@@ -28,6 +30,29 @@ def warmup_cosine(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def rng_states() -> dict[str, Any]:
+    """The states of torch's (CPU and CUDA), numpy's and Python's global generators, as plain tensors, lists
+    and tuples so that a checkpoint holding them loads with `weights_only=True`."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_states(states: Mapping[str, Any]) -> None:
+    """Put back what `rng_states` returned."""
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
 class StageModule(L.LightningModule):
     """Base of the stage modules. `optim` and `scheduler` are config dicts (`_target_` + `_partial_`), kept
     as plain data so checkpoints load with `weights_only=True`."""
@@ -40,6 +65,7 @@ class StageModule(L.LightningModule):
         self.optim_config = dict(optim)
         self.scheduler_config = dict(scheduler) if scheduler else None
         self.skipped: Counter = Counter()
+        self._rng_to_restore: dict[str, Any] | None = None
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Weight decay on matrices only, not on biases, norms, embeddings' scales or temperatures."""
@@ -65,6 +91,10 @@ class StageModule(L.LightningModule):
 
     # Batches carry the counts of samples their worker skipped; collect them, log totals per epoch.
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._rng_to_restore is not None:
+            # Restored here, not when the checkpoint loads: the sanity check and the loader start in between.
+            set_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
         self._take_skipped(batch)
 
     def on_validation_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -83,7 +113,10 @@ class StageModule(L.LightningModule):
     # WeightAveraging keeps in `current_model_state`) and filled back in from the loaded export on restore.
     _STATE_KEYS = ("state_dict", "current_model_state")
 
+    # The random number generators (diffusion timesteps and noise, dropout) travel with the checkpoint, so that
+    # a resumed run draws the numbers the uninterrupted run would have drawn.
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rng_states"] = rng_states()
         if not self.frozen_prefixes:
             return
         for key in self._STATE_KEYS:
@@ -91,6 +124,7 @@ class StageModule(L.LightningModule):
                 checkpoint[key] = {k: v for k, v in checkpoint[key].items() if not k.startswith(self.frozen_prefixes)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._rng_to_restore = checkpoint.get("rng_states")
         if not self.frozen_prefixes:
             return
         frozen = {k: v for k, v in self.state_dict().items() if k.startswith(self.frozen_prefixes)}
