@@ -32,7 +32,19 @@ def report_user_errors() -> Iterator[None]:
             cause = cause.__cause__
         if cause is None:
             raise
-        _exit(str(cause))
+        _exit(one_line(cause))
+
+
+def one_line(err: UserError) -> str:
+    """The error's message. A UserError raised in a DataLoader worker reaches the main process re-raised by
+    torch with the worker's whole traceback as its message ("Caught UserError in DataLoader worker process 0.
+    Original Traceback ..."): the message is then the traceback's last line, after the exception's name."""
+    text = str(err)
+    if "Original Traceback" not in text:
+        return text
+    name = f"{type(err).__module__}.{type(err).__qualname__}: "
+    lines = [line for line in text.splitlines() if line.startswith(name)]
+    return lines[-1][len(name) :] if lines else text.strip().splitlines()[-1]
 
 
 def _exit(message: str) -> NoReturn:

@@ -1,7 +1,8 @@
 """Safe decoding of img2dataset samples.
 
 Only the members a stage asks for are ever read (images, text, json, npy without pickle); nothing in a
-shard is unpickled, whatever its extension. Pillow's decompression-bomb guard stays on, and a sample that
+shard is unpickled, whatever its extension. Pillow's decompression-bomb guard stays on, only raster formats
+that Pillow decodes itself are opened (never EPS, which Pillow hands to Ghostscript), and a sample that
 cannot be used raises `SkipSample` with a short reason that the pipeline counts.
 """
 
@@ -20,6 +21,13 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# What Image.open may identify an image member as, whatever its extension: the formats img2dataset writes
+# (a multi-picture JPEG from a phone camera opens as JPEG and reports "MPO") and the common raster formats
+# decoded in-process. Anything else (EPS runs Ghostscript, PSD, ICNS, ...) is not an image of a caption set.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+# Captions longer than this are not captions (a page of text, a mislabelled binary): skipped before ftfy,
+# which would spend seconds on megabytes only for the tokenizer to keep its first 77 tokens.
+MAX_CAPTION_BYTES = 16_384
 
 # Every reason a sample or shard can be skipped for; logged as data/skipped/<reason>. A fixed list, so
 # that every rank logs the same keys (a key logged on one rank only would hang a synced log).
@@ -32,6 +40,7 @@ SKIP_REASONS = (
     "missing_caption",
     "bad_caption_encoding",
     "empty_caption",
+    "huge_caption",
     "missing_npy",
     "pickled_npy",
     "corrupt_npy",
@@ -70,10 +79,10 @@ def decode_image(data: bytes, size: int, min_size: int, random_crop: bool = Fals
         with warnings.catch_warnings():
             # Pillow warns above MAX_IMAGE_PIXELS and raises above twice that; treat both as a bomb.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
             if min(image.size) < min_size:
                 raise SkipSample("too_small")
-            if image.format == "JPEG":
+            if image.format in ("JPEG", "MPO"):
                 scale = min(image.size) / size
                 image.draft("RGB", (max(1, int(image.size[0] / scale)), max(1, int(image.size[1] / scale))))
             image.load()
@@ -116,10 +125,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
 _WHITESPACE = re.compile(r"\s+")
 
 
-def decode_caption(data: bytes | None) -> str:
-    """UTF-8 caption, mojibake fixed, whitespace collapsed; missing, undecodable or empty is skipped."""
+def decode_caption(data: bytes | None, max_bytes: int = MAX_CAPTION_BYTES) -> str:
+    """UTF-8 caption, mojibake fixed, whitespace collapsed; missing, undecodable, empty or huge is skipped."""
     if data is None:
         raise SkipSample("missing_caption")
+    if len(data) > max_bytes:
+        raise SkipSample("huge_caption")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -141,13 +152,27 @@ def decode_json(data: bytes | None) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+_PICKLE_OPCODE = b"\x80"  # how every pickle of protocol 2 or later starts
+
+
 def decode_npy(data: bytes) -> np.ndarray:
-    """A `.npy` member, refusing object arrays: `allow_pickle=False` means no code can run."""
+    """A `.npy` member, refusing object arrays: `allow_pickle=False` means no code can run.
+
+    The header is read first so that an object array (or a bare pickle under a .npy name) is told apart from
+    a damaged file: numpy raises ValueError for both, and "corrupt" is what a truncated download is.
+    """
+    buffer = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(buffer)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        header = read_header(buffer)  # (shape, fortran_order, dtype), parsed with ast.literal_eval: no code runs
+    except (ValueError, EOFError) as err:  # no .npy magic or an unreadable header
+        raise SkipSample("pickled_npy" if data.startswith(_PICKLE_OPCODE) else "corrupt_npy") from err
+    if header[2].hasobject:
+        raise SkipSample("pickled_npy")
     try:
         return np.load(io.BytesIO(data), allow_pickle=False)
-    except ValueError as err:  # numpy raises ValueError for pickled (object) arrays
-        raise SkipSample("pickled_npy") from err
-    except OSError as err:
+    except (ValueError, OSError, EOFError) as err:  # truncated or inconsistent data
         raise SkipSample("corrupt_npy") from err
 
 
