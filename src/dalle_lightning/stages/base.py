@@ -102,7 +102,11 @@ class StageModule(L.LightningModule):
 
     def _take_skipped(self, batch: Any) -> None:
         if isinstance(batch, dict):
-            self.skipped.update(batch.pop("skipped", {}))
+            skipped = batch.pop("skipped", {})
+            # The sanity check reads the start of the validation set that the epoch's validation reads again:
+            # counting both would log those skips twice.
+            if self._trainer is None or not self.trainer.sanity_checking:
+                self.skipped.update(skipped)
 
     def on_train_epoch_end(self) -> None:
         counts = {f"data/skipped/{reason}": float(self.skipped.get(reason, 0)) for reason in SKIP_REASONS}
