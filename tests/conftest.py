@@ -45,6 +45,17 @@ def compose_config(overrides: list[str], tmp_path: Path, config_name: str = "tra
     return cfg
 
 
+def csv_losses(run_dir: Path) -> dict[int, float]:
+    """step → train/loss from a run's CSV logger files (logger=csv)."""
+    import csv
+
+    rows = []
+    for metrics in run_dir.glob("csv/version_*/metrics.csv"):
+        with metrics.open() as f:
+            rows += [r for r in csv.DictReader(f) if r.get("train/loss")]
+    return {int(r["step"]): float(r["train/loss"]) for r in rows}
+
+
 def shapes_overrides(root: Path) -> list[str]:
     """Point data=shapes at the session's small build (same parameters, so nothing is re-rendered)."""
     return [

@@ -3,7 +3,6 @@ the run that was never interrupted (optimizer, LR schedule, EMA, RNG and the dat
 
 from __future__ import annotations
 
-import csv
 import os
 import signal
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 
-from conftest import ROOT, run_train, shapes_overrides
+from conftest import ROOT, csv_losses, run_train, shapes_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -59,20 +58,12 @@ def _args(tmp_path: Path, shapes_root: Path, clip_export: Path, name: str, every
     ]
 
 
-def _losses(run: Path) -> dict[int, float]:
-    rows = []
-    for metrics in run.glob("csv/version_*/metrics.csv"):
-        with metrics.open() as f:
-            rows += [r for r in csv.DictReader(f) if r.get("train/loss")]
-    return {int(r["step"]): float(r["train/loss"]) for r in rows}
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, shapes_root, tiny_clip_export) -> dict[int, float]:
     tmp = tmp_path_factory.mktemp("uninterrupted")
     result = run_train(_args(tmp, shapes_root, tiny_clip_export, "whole", every=5), tmp)
     assert result.returncode == 0, result.stderr[-3000:]
-    losses = _losses(tmp / "outputs" / "decoder" / "runs" / "whole")
+    losses = csv_losses(tmp / "outputs" / "decoder" / "runs" / "whole")
     assert sorted(losses) == list(range(STEPS))
     return losses
 
@@ -80,7 +71,7 @@ def uninterrupted(tmp_path_factory, shapes_root, tiny_clip_export) -> dict[int, 
 # Killed at step 14, resumed from the step-10 checkpoint (mid-epoch); killed at step 15, resumed from the
 # step-12 checkpoint, written after the last batch of the first epoch and before its validation.
 @pytest.mark.parametrize(("every", "kill_at", "resume_at"), [(5, 14, 10), (6, 15, 12)])
-def test_killed_run_resumes_with_the_same_losses(
+def test_killed_run_resumes_with_the_samecsv_losses(
     every, kill_at, resume_at, uninterrupted, tmp_path, shapes_root, tiny_clip_export
 ):
     killed_args = [
@@ -95,7 +86,7 @@ def test_killed_run_resumes_with_the_same_losses(
     resumed_args = [*_args(tmp_path, shapes_root, tiny_clip_export, "resumed", every), f"ckpt_path={checkpoint}"]
     resumed = run_train(resumed_args, tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    after = _losses(tmp_path / "outputs" / "decoder" / "runs" / "resumed")
+    after = csv_losses(tmp_path / "outputs" / "decoder" / "runs" / "resumed")
     assert sorted(after) == list(range(resume_at, STEPS)), sorted(after)
     assert len(after) >= 20
     differences = {step: abs(loss - uninterrupted[step]) for step, loss in after.items()}

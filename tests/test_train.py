@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import FAST_CLIP, run_train, shapes_overrides
+from conftest import FAST_CLIP, csv_losses, run_train, shapes_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -21,12 +20,6 @@ def _common(tmp_path: Path, shapes_root: Path) -> list[str]:
         f"paths.log_dir={tmp_path}/outputs",
         f"paths.export_dir={tmp_path}/export",
     ]
-
-
-def _csv_losses(run_dir: Path) -> dict[int, float]:
-    (metrics,) = run_dir.glob("csv/version_*/metrics.csv")
-    with metrics.open() as f:
-        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
 
 
 def test_clip_trains_logs_offline_to_wandb_and_exports(tmp_path, shapes_root):
@@ -54,7 +47,7 @@ def test_resume_from_last_continues_the_run(tmp_path, shapes_root):
     )
     assert second.returncode == 0, second.stderr[-3000:]
     runs = tmp_path / "outputs" / "clip" / "runs"
-    before, after = _csv_losses(runs / "a"), _csv_losses(runs / "b")
+    before, after = csv_losses(runs / "a"), csv_losses(runs / "b")
     # Steps continue, not restart: four more steps. (Lightning logs a run resumed from an end-of-epoch
     # checkpoint one step late, 7..10 instead of 6..9; exact resume is checked in the resume suite.)
     assert sorted(before) == [0, 1, 2, 3, 4, 5] and len(after) == 4 and min(after) > 5

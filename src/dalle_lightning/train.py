@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,14 +17,38 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from dalle_lightning.callbacks import ExportCallback
+from dalle_lightning.callbacks import ExportCallback, Preempted, PreemptionCheckpoint
 from dalle_lightning.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
+# Under SLURM each run dir records its job id, so that a requeued job (SLURM_RESTART_COUNT > 0) finds the
+# checkpoint its previous attempt left, whatever run dir the new attempt gets.
+SLURM_JOB_FILE = "slurm_job_id"
+
+
+def slurm_job_id() -> str | None:
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if array_job:
+        return f"{array_job}_{os.environ.get('SLURM_ARRAY_TASK_ID', '0')}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
 def resolve_ckpt_path(ckpt_path: str | None, runs_dir: Path) -> Path | None:
-    """`null` → fresh run; `last` → the newest last.ckpt of this stage's runs; otherwise a file that exists."""
+    """`null` → fresh run (or, in a requeued SLURM job, the job's own last.ckpt); `last` → the newest
+    last.ckpt of this stage's runs; otherwise a file that exists."""
+    job = slurm_job_id()
+    if not ckpt_path and job and int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0:
+        mine = [
+            p
+            for p in runs_dir.glob(f"**/{SLURM_JOB_FILE}")
+            if p.read_text().strip() == job and (p.parent / "checkpoints" / "last.ckpt").is_file()
+        ]
+        if mine:
+            newest = max(mine, key=lambda p: (p.parent / "checkpoints" / "last.ckpt").stat().st_mtime)
+            log.info("requeued SLURM job %s: resuming from %s", job, newest.parent / "checkpoints" / "last.ckpt")
+            return newest.parent / "checkpoints" / "last.ckpt"
     if not ckpt_path:
         return None
     if ckpt_path == "last":
@@ -33,6 +60,43 @@ def resolve_ckpt_path(ckpt_path: str | None, runs_dir: Path) -> Path | None:
     if not path.is_file():
         raise UserError(f"ckpt_path='{ckpt_path}' does not exist: give a .ckpt file, 'last', or null")
     return path
+
+
+def check_output_dir(path: Path, needed_bytes: int) -> None:
+    """Fail before training, not at the first checkpoint, when `path` cannot be written or its disk is
+    (nearly) full."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_test_{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(
+            f"cannot write to the output directory {path} ({err.strerror or err}): "
+            "set paths.log_dir (or hydra.run.dir) to a writable directory"
+        ) from err
+    free = shutil.disk_usage(path).free
+    if free < needed_bytes:
+        raise UserError(
+            f"only {free / 2**20:.0f} MiB free on the disk of {path}, a checkpoint needs about "
+            f"{needed_bytes / 2**20:.0f} MiB: free some space or set paths.log_dir to another disk"
+        )
+
+
+def checkpoint_bytes(module: L.LightningModule) -> int:
+    """About what saving a checkpoint takes on disk: weights and two AdamW moments, written next to the old
+    file before it is replaced, plus room for logs."""
+    weights = sum(p.numel() * p.element_size() for p in module.parameters())
+    return 2 * 3 * weights + 64 * 2**20
+
+
+def _requeue(job: str) -> None:
+    """Put this SLURM job back in the queue (it is killed and started again; see resolve_ckpt_path)."""
+    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    if result.returncode == 0:
+        log.info("requeued SLURM job %s", job)
+    else:
+        log.warning("scontrol requeue %s failed: %s", job, result.stderr.strip())
 
 
 def _instantiate_all(group: DictConfig | None) -> list[Any]:
@@ -57,6 +121,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     tokenizer = instantiate(cfg.stage.tokenizer)(datamodule) if cfg.stage.get("tokenizer") else None
     datamodule.tokenizer = tokenizer
     module = instantiate(cfg.stage.module, tokenizer=tokenizer, _convert_="all")
+    check_output_dir(output_dir, checkpoint_bytes(module))
 
     callbacks = _instantiate_all(cfg.get("callbacks"))
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -70,7 +135,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for logger in loggers:
         logger.log_hyperparams(resolved)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    if slurm_job_id() and trainer.is_global_zero:
+        (output_dir / SLURM_JOB_FILE).write_text(slurm_job_id() or "")
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except Preempted as stop:
+        job = slurm_job_id()
+        requeue = job is not None and any(isinstance(c, PreemptionCheckpoint) and c.requeue for c in callbacks)
+        if requeue and trainer.is_global_zero:
+            _requeue(job)
+        stop.then = f"requeued SLURM job {job}" if requeue else "resume with ckpt_path=last"
+        # The state is saved: one line and the signal's exit status, not a traceback.
+        print(f"stopped: {stop.message()}", file=sys.stderr, flush=True)
+        raise SystemExit(stop.exit_code) from None
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     if trainer.is_global_zero:
