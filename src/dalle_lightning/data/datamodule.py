@@ -70,6 +70,7 @@ class ShardDataModule(L.LightningDataModule):
         npy_fields: Sequence[str] = (),
         tokenizer: Callable | None = None,
         context_length: int | None = None,
+        max_failed_shards: int = 20,
     ):
         super().__init__()
         if image_size is not None and image_size < 8:
@@ -89,6 +90,7 @@ class ShardDataModule(L.LightningDataModule):
         self.seed = seed
         self.tokenizer = tokenizer  # may be set later, before the loaders are made
         self.context_length = context_length
+        self.max_failed_shards = max_failed_shards
         self.image_size = image_size
         self.min_image_size = min_image_size or (image_size // 2 if image_size else 1)
         self.npy_fields = tuple(npy_fields)
@@ -125,7 +127,7 @@ class ShardDataModule(L.LightningDataModule):
         streams = self.world_size * max(1, self.num_workers)
         return max(1, math.ceil(self.samples_per_epoch / (self.batch_size * streams)))
 
-    def _decoder(self, random_crop: bool = False) -> SampleDecoder:
+    def _decoder(self, random_crop: bool = False, count_bad_shards: bool = True) -> SampleDecoder:
         context_length = self.context_length or getattr(self.tokenizer, "model_max_length", 77)
         return SampleDecoder(
             self.image_size,
@@ -135,6 +137,8 @@ class ShardDataModule(L.LightningDataModule):
             self.npy_fields,
             random_crop,
             self.seed,
+            self.max_failed_shards,
+            count_bad_shards,
         )
 
     def _loader_options(self, num_workers: int) -> dict[str, Any]:
@@ -188,7 +192,8 @@ class ShardDataModule(L.LightningDataModule):
             return []
         limit = self.val_samples
         # One worker reads the validation shards in order, so "the first val_samples" is well defined.
-        pipeline = eval_pipeline(self.val_urls, self._decoder(), self.val_batch_size, limit)
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        pipeline = eval_pipeline(self.val_urls, self._decoder(count_bad_shards=rank == 0), self.val_batch_size, limit)
         return DataLoader(pipeline, batch_size=None, **self._loader_options(min(1, self.num_workers)))
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:

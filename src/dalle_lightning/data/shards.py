@@ -96,6 +96,7 @@ class SampleDecoder:
         random_crop: bool = False,
         seed: int = 0,
         max_failed_shards: int = 20,
+        count_bad_shards: bool = True,
     ):
         self.image_size = image_size
         self.min_image_size = min_image_size
@@ -110,6 +111,9 @@ class SampleDecoder:
         # other ranks would wait for this one in their next collective until the job's time limit).
         self.max_failed_shards = max_failed_shards
         self.failed_shards = 0
+        # Validation reads every shard on every rank: only one rank counts unreadable ones, so the summed
+        # data/skipped/bad_shard is the number of bad shards, not that times the world size.
+        self.count_bad_shards = count_bad_shards
         # Random crops draw from this; the training stream reseeds it per (seed, epoch, rank, worker).
         self.rng: random.Random | None = None
 
@@ -129,7 +133,8 @@ class SampleDecoder:
         if stage == "group_by_keys":
             log.warning("shard data with a duplicate member, first one kept: %s", message)
             return True
-        self.counter.add("bad_shard")
+        if self.count_bad_shards:
+            self.counter.add("bad_shard")
         self.failed_shards += 1
         log.warning("skipping unreadable shard data: %s", message)
         if self.failed_shards >= self.max_failed_shards:
