@@ -21,13 +21,14 @@ TESTS = {"PYTHONPATH": str(ROOT / "tests")}
 
 
 class SignalDuringStep(L.Callback):
-    """Test-only: send this process `signum` while training batch `step` runs (as a scheduler would)."""
+    """Test-only: send this process `signum` while training batch `step` runs (as a scheduler would); on
+    rank zero only, as when the signal reaches the launching process and not its children."""
 
     def __init__(self, step: int, signum: str):
         self.step, self.signum = step, signal.Signals[signum]
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
+        if trainer.global_step == self.step and trainer.global_rank == 0:
             os.kill(os.getpid(), self.signum)
 
 
@@ -84,6 +85,16 @@ def test_preemption_signal_saves_exits_and_resumes(signum, tmp_path, shapes_root
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _step(_run_dir(tmp_path, "b") / "checkpoints" / "last.ckpt") == 6
     assert (tmp_path / "export" / "clip" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_preemption_of_one_ddp_rank_stops_both_with_one_checkpoint(tmp_path, shapes_root):
+    cb = [f"+callbacks.signal._target_={__name__}.SignalDuringStep", "+callbacks.signal.step=3"]
+    ddp = ["trainer.accelerator=cpu", "trainer.devices=2", "+callbacks.signal.signum=SIGUSR1"]
+    stopped = run_train([*_args(tmp_path, shapes_root, "ddp"), *cb, *ddp], tmp_path, env=TESTS, timeout=240)
+    assert stopped.returncode == 128 + signal.SIGUSR1, stopped.stderr[-3000:]
+    assert any("preempted by SIGUSR1 at step 4" in line for line in _errors(stopped.stderr, "stopped: "))
+    assert _step(_run_dir(tmp_path, "ddp") / "checkpoints" / "last.ckpt") == 4
 
 
 @pytest.mark.slow

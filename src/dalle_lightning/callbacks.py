@@ -13,6 +13,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from dalle_lightning.errors import UserError
 from dalle_lightning.export import write_export
@@ -144,6 +145,12 @@ class PreemptionCheckpoint(L.Callback):
         path = self.dirpath / "last.ckpt"
         trainer.save_checkpoint(path)
         raise Preempted(self.received, trainer.global_step, path)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # Lightning ends the run at once on a SIGTERM that arrives outside a training batch (in validation).
+        if isinstance(exception, SIGTERMException) and trainer.is_global_zero:
+            newest = self.dirpath / "last.ckpt"
+            log.warning("SIGTERM outside a training batch: nothing saved now; newest checkpoint: %s", newest)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         for signum, handler in self._previous.items():
