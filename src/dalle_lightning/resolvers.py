@@ -30,6 +30,35 @@ def launch_dir() -> str:
     return str(hydra_cfg.runtime.cwd) if hydra_cfg is not None else os.getcwd()
 
 
+# --- Clusters (conf/trainer/slurm.yaml, conf/trainer/fsdp.yaml) ----------------------------------------------
+
+_SLURM_ENV = {"nodes": "SLURM_NNODES", "tasks_per_node": "SLURM_NTASKS_PER_NODE"}
+
+
+def slurm(key: str, default: Any = 1) -> Any:
+    """`nodes` or `tasks_per_node` of the SLURM allocation, for trainer.num_nodes / trainer.devices.
+
+    Lightning (SLURMEnvironment) requires devices == SLURM_NTASKS_PER_NODE and num_nodes == SLURM_NNODES and
+    fails at fit otherwise, so inside a SLURM job step the allocation's own values are taken (whether
+    hydra/launcher=slurm or your own sbatch + srun started it); outside one (printing the config, a login node)
+    the submitit launcher's values (hydra.launcher.<key>); with neither, `default`. Interactive allocations
+    (job name bash/interactive) are left to `default` as Lightning ignores them too.
+    """
+    import os
+
+    if key not in _SLURM_ENV:
+        raise ValueError(f"dl.slurm:{key}: expected one of {sorted(_SLURM_ENV)}")
+    if "SLURM_NTASKS" in os.environ and os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
+        value = os.environ.get(_SLURM_ENV[key])
+        if value is None and key == "tasks_per_node":  # `--ntasks` without `--ntasks-per-node`
+            value = str(int(os.environ["SLURM_NTASKS"]) // int(os.environ.get("SLURM_NNODES", "1")))
+        if value is not None:
+            return int(value.split("(")[0])  # "8(x2)" on some versions
+    hydra_cfg = _hydra_config()
+    launched = OmegaConf.select(hydra_cfg, f"launcher.{key}", default=None) if hydra_cfg is not None else None
+    return launched if launched is not None else default
+
+
 # --- Optuna sweeps (conf/hparams_search) -------------------------------------------------------------------
 
 _DIRECTIONS = {"min": "minimize", "max": "maximize"}
@@ -122,6 +151,7 @@ def swept_values() -> str:
 
 OmegaConf.register_new_resolver("dl.auto_precision", auto_precision, replace=True)
 OmegaConf.register_new_resolver("dl.launch_dir", launch_dir, replace=True)
+OmegaConf.register_new_resolver("dl.slurm", slurm, replace=True)
 OmegaConf.register_new_resolver("dl.optuna_direction", optuna_direction, replace=True)
 OmegaConf.register_new_resolver("dl.sqlite_url", sqlite_url, replace=True)
 OmegaConf.register_new_resolver("dl.study_seed", study_seed, replace=True)
