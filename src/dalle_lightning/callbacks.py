@@ -4,6 +4,7 @@ against non-finite losses."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
@@ -13,6 +14,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from dalle_lightning.errors import UserError
@@ -44,9 +46,24 @@ class ExportCallback(L.Callback):
         self.config = config
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero and not trainer.interrupted and not trainer.sanity_checking:
-            write_export(self.dirpath, self.stage, pl_module.export, self.config)
-            log.info("exported %s to %s", self.stage, self.dirpath)
+        if trainer.interrupted or trainer.sanity_checking:
+            return
+        with self._full_weights(trainer):
+            if trainer.is_global_zero:
+                write_export(self.dirpath, self.stage, pl_module.export, self.config)
+                log.info("exported %s to %s", self.stage, self.dirpath)
+
+    @staticmethod
+    def _full_weights(trainer: L.Trainer) -> contextlib.AbstractContextManager:
+        """Under FSDP each rank holds a shard of every weight: every rank takes part in gathering them, and
+        rank zero (on the CPU, to spare GPU memory) holds the whole model while it writes the export."""
+        if not isinstance(trainer.strategy, FSDPStrategy):
+            return contextlib.nullcontext()
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return FullyShardedDataParallel.summon_full_params(
+            trainer.strategy.model, writeback=False, rank0_only=True, offload_to_cpu=True
+        )
 
 
 class SampleGridCallback(L.Callback):
