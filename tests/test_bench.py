@@ -42,3 +42,41 @@ def test_quick_bench_writes_peer_json_form(tmp_path):
     assert any(name.startswith("mm_") and "float32" in name and rows[name]["achieved_gflops"] > 0 for name in rows)
     assert rows["loader"]["ratio_to_stock"] > 0
     assert {r["name"] for r in data["ratios"]} >= {"loader"}
+
+
+QUALITY = Path(__file__).resolve().parents[1] / "benchmarks" / "sampler_quality.py"
+
+
+def test_sampler_quality_reports_fd_per_configuration(tiny_exports, shapes_root, tmp_path):
+    """benchmarks/sampler_quality.py on the random tiny exports: a reference and one few-step configuration from the
+    same noise, 8 images, a second reference seed for the noise floor; every figure present and finite."""
+    import math
+
+    out = tmp_path / "quality.json"
+    args = ["--decoder", str(tiny_exports["decoder"]), "--clip", str(tiny_exports["clip"])]
+    args += ["--data-root", str(shapes_root), "--num-samples", "8", "--batch-size", "8", "--threads", "1"]
+    args += ["--reference", "ddim:3", "--configs", "dpmsolver++:2", "--json", str(out)]
+    done = subprocess.run(
+        [sys.executable, str(QUALITY), *args],
+        cwd=tmp_path,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    data = json.loads(done.stdout)
+    assert data == json.loads(out.read_text())
+    assert data["meta"]["num_samples"] == 8 and data["meta"]["fd_name"] == "fd_clip"
+    rows = {row["name"]: row for row in data["results"]}
+    assert list(rows) == ["reference", "dpmsolver++_2", "reference_seed2"]
+    assert (rows["dpmsolver++_2"]["sampler"], rows["dpmsolver++_2"]["steps"]) == ("dpmsolver++", 2)
+    assert rows["reference"]["fd_ratio"] == 1.0
+    for row in rows.values():
+        for key in ("fd", "fd_ratio", "clip_score", "images_per_s", "seconds", "speedup"):
+            assert math.isfinite(row[key]), (row["name"], key)
+        assert row["fd"] >= 0 and row["images_per_s"] > 0
+    assert math.isfinite(rows["dpmsolver++_2"]["fd_to_reference"])
+    floor = data["noise_floor"]
+    assert math.isfinite(floor["fd_real_halves"]) and math.isfinite(floor["reference_seed_spread"])
+    assert math.isfinite(data["real"]["clip_score"])
