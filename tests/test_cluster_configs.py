@@ -85,6 +85,11 @@ def _fake_allocation(monkeypatch, nodes: int, tasks_per_node: int, procid: int) 
     }
     for name, value in env.items():
         monkeypatch.setenv(name, value)
+    # SLURMEnvironment writes MASTER_ADDR/MASTER_PORT from the fake allocation into os.environ: have monkeypatch
+    # restore them, or a later DDP test in this process would dial the fake node `gpu-001` and hang.
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
 
 
 def test_trainer_slurm_matches_the_allocation_it_runs_in(tmp_path, outside_slurm, monkeypatch):
