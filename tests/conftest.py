@@ -21,6 +21,14 @@ CONF = ROOT / "conf"
 # Small enough to build in seconds, big enough for a few training batches and a val set.
 SMALL_SHAPES = dict(num_train=1200, num_val=256, size=64, seed=0, samples_per_shard=400)
 
+# Under pytest-xdist (`make test` runs 2 workers on 2 cores) each worker, and every train.py it starts, uses one
+# intra-op thread: two workers of two OpenMP threads each on two cores spin-wait on each other (the suite took
+# 920 s that way against 905 s serial).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_SILENT", "true")
 
