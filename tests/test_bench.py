@@ -13,16 +13,17 @@ PEER_PRIOR_PARAMS = 24_918_544  # DALLE2-pytorch's DiffusionPrior in ../shared/b
 ROW_FIELDS = ("name", "batch", "samples_per_s", "params", "gflop_per_iter", "achieved_gflops", "ms_per_iter_median")
 
 
+def _run(script: Path, args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+    """A benchmark script as a user runs it, output captured."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run(
+        [sys.executable, str(script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
 def test_quick_bench_writes_peer_json_form(tmp_path):
     out = tmp_path / "bench.json"
-    done = subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--only", "prior_train,loader", "--json", str(out)],
-        cwd=tmp_path,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = _run(BENCH, ["--quick", "--only", "prior_train,loader", "--json", str(out)], tmp_path, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "prior_train" in done.stdout and "samples/s" in done.stdout  # the table
 
@@ -56,14 +57,7 @@ def test_sampler_quality_reports_fd_per_configuration(tiny_exports, shapes_root,
     args = ["--decoder", str(tiny_exports["decoder"]), "--clip", str(tiny_exports["clip"])]
     args += ["--data-root", str(shapes_root), "--num-samples", "8", "--batch-size", "8", "--threads", "1"]
     args += ["--reference", "ddim:3", "--configs", "dpmsolver++:2", "--json", str(out)]
-    done = subprocess.run(
-        [sys.executable, str(QUALITY), *args],
-        cwd=tmp_path,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = _run(QUALITY, args, tmp_path, timeout=120)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     data = json.loads(done.stdout)
     assert data == json.loads(out.read_text())
