@@ -861,26 +861,15 @@ def main(argv=None) -> dict:
 
     # Each training benchmark: the stage, its config overrides, the batch it steps on, the network whose
     # parameters are counted, and what the row reports besides.
-    decoder = {"stage": "decoder", "network": "unet"}
+    def decoder(layout: list[str], image_size: int, batch: int) -> dict[str, Any]:
+        overrides = [*layout, f"model.decoder.image_size={image_size}"]
+        make_batch = decoder_batch(image_size, batch)
+        return dict(stage="decoder", network="unet", overrides=overrides, make_batch=make_batch, image_size=image_size)
+
     train_specs = {
-        "decoder32_train": dict(
-            decoder,
-            overrides=[*DECODER_MATCHED, "model.decoder.image_size=32"],
-            make_batch=decoder_batch(32, args.batch32),
-            image_size=32,
-        ),
-        "decoder32_train_peerlayout": dict(
-            decoder,
-            overrides=[*DECODER_PEER_LAYOUT, "model.decoder.image_size=32"],
-            make_batch=decoder_batch(32, args.batch32),
-            image_size=32,
-        ),
-        "decoder64_train": dict(
-            decoder,
-            overrides=[*DECODER_MATCHED, "model.decoder.image_size=64"],
-            make_batch=decoder_batch(64, args.batch64),
-            image_size=64,
-        ),
+        "decoder32_train": decoder(DECODER_MATCHED, 32, args.batch32),
+        "decoder32_train_peerlayout": decoder(DECODER_PEER_LAYOUT, 32, args.batch32),
+        "decoder64_train": decoder(DECODER_MATCHED, 64, args.batch64),
         "prior_train": dict(
             stage="prior",
             overrides=PRIOR_MATCHED,
