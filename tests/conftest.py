@@ -53,6 +53,11 @@ def compose_config(overrides: list[str], tmp_path: Path, config_name: str = "tra
     return cfg
 
 
+def lines_starting(text: str, prefix: str = "error: ") -> list[str]:
+    """The lines of a script's output that start with `prefix` (our one-line errors start with "error: ")."""
+    return [line for line in text.splitlines() if line.startswith(prefix)]
+
+
 def csv_losses(run_dir: Path) -> dict[int, float]:
     """step → train/loss from a run's CSV logger files (logger=csv)."""
     import csv

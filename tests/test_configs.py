@@ -7,7 +7,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from omegaconf import OmegaConf
 
-from conftest import compose_config, run_train
+from conftest import compose_config, lines_starting, run_train
 
 STAGES = ["clip", "prior", "decoder", "upsampler"]
 NO_DATA = "data.root=/nowhere/shapes"  # these errors must come before any data is touched
@@ -55,7 +55,7 @@ def test_cfg_job_prints_for_decoder_on_8_devices(tmp_path):
 
 
 def _one_error_line(result) -> str:
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    lines = lines_starting(result.stderr)
     assert result.returncode == 2, result.stderr[-2000:]
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     return lines[0]

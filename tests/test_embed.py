@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, Detonator, write_tar
+from conftest import ROOT, Detonator, lines_starting, write_tar
 from dalle_lightning.data.datamodule import ShardDataModule
 from dalle_lightning.data.decode import decode_image, image_member
 from dalle_lightning.data.shards import expand_shards
@@ -201,7 +201,7 @@ def test_root_embed_py_runs_and_reports_errors_in_one_line(tmp_path, clip_export
     bad = subprocess.run(
         [*base, "clip_export=/nowhere"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
     )
-    errors = [line for line in bad.stderr.splitlines() if line.startswith("error: ")]
+    errors = lines_starting(bad.stderr)
     assert bad.returncode == 2 and len(errors) == 1 and "Traceback" not in bad.stderr, bad.stderr[-3000:]
     assert "clip_export='/nowhere'" in errors[0]
 

@@ -13,7 +13,7 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import FAST_CLIP, ROOT, csv_losses, run_script, run_train, shapes_overrides
+from conftest import FAST_CLIP, ROOT, csv_losses, lines_starting, run_script, run_train, shapes_overrides
 from dalle_lightning.errors import UserError
 from dalle_lightning.train import check_output_dir
 
@@ -63,10 +63,6 @@ def _step(checkpoint: Path) -> int:
     return torch.load(checkpoint, weights_only=True, map_location="cpu")["global_step"]
 
 
-def _errors(stderr: str, prefix: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith(prefix)]
-
-
 @pytest.mark.slow
 def test_preemption_signal_saves_exits_and_resumes(tmp_path, shapes_root):
     """SIGTERM here; SIGUSR1 in the DDP and SLURM tests below."""
@@ -76,7 +72,7 @@ def test_preemption_signal_saves_exits_and_resumes(tmp_path, shapes_root):
         [*_args(tmp_path, shapes_root, "a"), *cb, f"+callbacks.signal.signum={signum}"], tmp_path, env=TESTS
     )
     assert stopped.returncode == 128 + signal.Signals[signum], stopped.stderr[-3000:]
-    (line,) = _errors(stopped.stderr, "stopped: ")
+    (line,) = lines_starting(stopped.stderr, "stopped: ")
     assert f"preempted by {signum} at step 4" in line and "resume with ckpt_path=last" in line
     assert "Traceback" not in stopped.stderr
     assert _step(_run_dir(tmp_path, "a") / "checkpoints" / "last.ckpt") == 4
@@ -94,7 +90,7 @@ def test_preemption_of_one_ddp_rank_stops_both_with_one_checkpoint(tmp_path, sha
     ddp = ["trainer.accelerator=cpu", "trainer.devices=2", "+callbacks.signal.signum=SIGUSR1"]
     stopped = run_train([*_args(tmp_path, shapes_root, "ddp"), *cb, *ddp], tmp_path, env=TESTS, timeout=240)
     assert stopped.returncode == 128 + signal.SIGUSR1, stopped.stderr[-3000:]
-    assert any("preempted by SIGUSR1 at step 4" in line for line in _errors(stopped.stderr, "stopped: "))
+    assert any("preempted by SIGUSR1 at step 4" in line for line in lines_starting(stopped.stderr, "stopped: "))
     assert _step(_run_dir(tmp_path, "ddp") / "checkpoints" / "last.ckpt") == 4
 
 
@@ -113,7 +109,7 @@ def test_slurm_job_is_requeued_and_its_next_attempt_resumes(tmp_path, shapes_roo
         [*_args(tmp_path, shapes_root, "attempt0"), *cb, "+callbacks.signal.signum=SIGUSR1"], tmp_path, env=slurm
     )
     assert first.returncode == 128 + signal.SIGUSR1, first.stderr[-3000:]
-    assert "requeued SLURM job 4242" in _errors(first.stderr, "stopped: ")[0]
+    assert "requeued SLURM job 4242" in lines_starting(first.stderr, "stopped: ")[0]
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
 
     # Another job's run, newer, must not be picked up.
@@ -143,7 +139,7 @@ def test_non_finite_steps_are_skipped_and_counted_then_stop_the_run(tmp_path, sh
     guard = ["callbacks.nonfinite_guard.max_in_a_row=3", "+callbacks.poison.steps=[4,5,6,7]"]
     stopped = run_train([*_args(tmp_path, shapes_root, "many", steps=9), *cb, *guard], tmp_path, env=TESTS)
     assert stopped.returncode == 2, stopped.stderr[-3000:]
-    (line,) = _errors(stopped.stderr, "error: ")
+    (line,) = lines_starting(stopped.stderr, "error: ")
     assert "not finite for 3 steps in a row (up to step 6)" in line and "last.ckpt" in line and "lower optim.lr" in line
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST_CLIP, csv_losses, run_train, shapes_overrides
+from conftest import FAST_CLIP, csv_losses, lines_starting, run_train, shapes_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -190,6 +190,6 @@ def test_embed_then_train_prior_decoder_and_upsampler(tmp_path, shapes_root, tin
     narrow = ClipModule(cfg["model"]["clip"], cfg["optim"], None, load_tokenizer(tiny_clip_export))
     other = write_export(tmp_path / "clip64", "clip", narrow.export)
     result = run_train([*prior_args, f"stage.clip_export={other}", "run_name=mismatch"], tmp_path)
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    lines = lines_starting(result.stderr)
     assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
     assert "128-wide" in lines[0] and "64-wide" in lines[0]

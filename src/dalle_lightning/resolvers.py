@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,6 @@ def launch_dir() -> str:
     The same folder (jobs never chdir here), but `${hydra:runtime.cwd}` fails before the first job of a multirun
     has set Hydra's config, which is when the sweep folder and the sweeper's storage are resolved.
     """
-    import os
-
     hydra_cfg = _hydra_config()
     return str(hydra_cfg.runtime.cwd) if hydra_cfg is not None else os.getcwd()
 
@@ -44,8 +43,6 @@ def slurm(key: str, default: Any = 1) -> Any:
     the submitit launcher's values (hydra.launcher.<key>); with neither, `default`. Interactive allocations
     (job name bash/interactive) are left to `default` as Lightning ignores them too.
     """
-    import os
-
     if key not in _SLURM_ENV:
         raise ValueError(f"dl.slurm:{key}: expected one of {sorted(_SLURM_ENV)}")
     if "SLURM_NTASKS" in os.environ and os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive"):

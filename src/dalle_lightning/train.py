@@ -41,14 +41,14 @@ def resolve_ckpt_path(ckpt_path: str | None, runs_dir: Path) -> Path | None:
     job = slurm_job_id()
     if not ckpt_path and job and int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0:
         mine = [
-            p
-            for p in runs_dir.glob(f"**/{SLURM_JOB_FILE}")
-            if p.read_text().strip() == job and (p.parent / "checkpoints" / "last.ckpt").is_file()
+            marker.parent / "checkpoints" / "last.ckpt"
+            for marker in runs_dir.glob(f"**/{SLURM_JOB_FILE}")
+            if marker.read_text().strip() == job
         ]
-        if mine:
-            newest = max(mine, key=lambda p: (p.parent / "checkpoints" / "last.ckpt").stat().st_mtime)
-            log.info("requeued SLURM job %s: resuming from %s", job, newest.parent / "checkpoints" / "last.ckpt")
-            return newest.parent / "checkpoints" / "last.ckpt"
+        if mine := [path for path in mine if path.is_file()]:
+            newest = max(mine, key=lambda path: path.stat().st_mtime)
+            log.info("requeued SLURM job %s: resuming from %s", job, newest)
+            return newest
     if not ckpt_path:
         return None
     if ckpt_path == "last":
@@ -135,12 +135,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for logger in loggers:
         logger.log_hyperparams(resolved)
 
-    if slurm_job_id() and trainer.is_global_zero:
-        (output_dir / SLURM_JOB_FILE).write_text(slurm_job_id() or "")
+    job = slurm_job_id()
+    if job and trainer.is_global_zero:
+        (output_dir / SLURM_JOB_FILE).write_text(job)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except Preempted as stop:
-        job = slurm_job_id()
         requeue = job is not None and any(isinstance(c, PreemptionCheckpoint) and c.requeue for c in callbacks)
         if requeue and trainer.is_global_zero:
             _requeue(job)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from shardgen import MARKER, good, mixed
 
-from conftest import FAST_CLIP, run_train, write_tar
+from conftest import FAST_CLIP, lines_starting, run_train, write_tar
 from dalle_lightning.data.decode import SKIP_REASONS
 
 pytestmark = pytest.mark.slow
@@ -91,7 +91,7 @@ def test_ddp_run_where_one_rank_reads_only_failing_shards_ends_with_a_one_line_e
     )
     elapsed = time.monotonic() - start
     assert result.returncode != 0, result.stderr[-3000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    errors = lines_starting(result.stderr, "error:")
     assert len(errors) == 1, result.stderr[-3000:]
     assert errors[0].startswith("error: rank 1 of 2") and "20 shards in a row could not be read" in errors[0]
     assert "data.train_shards" in errors[0]

@@ -215,14 +215,15 @@ class SampleDecoder:
         pending: list[dict[str, Any]] = []
         for sample in self.samples(src):
             pending.append(sample)
-            if len(pending) == batch_size:
-                if not partial:
-                    yield self.collate(pending)
-                else:
-                    if held is not None:
-                        yield held
-                    held = self.collate(pending)
-                pending = []
+            if len(pending) < batch_size:
+                continue
+            batch, pending = self.collate(pending), []
+            if not partial:
+                yield batch
+                continue
+            if held is not None:
+                yield held
+            held = batch
         if not partial:
             return
         if pending:
