@@ -114,6 +114,9 @@ def test_decompression_bomb_is_refused_without_decoding():
         (b"  a   red\ncircle ", "a red circle"),
         ("caf\u00c3\u00a9 au lait".encode(), "café au lait"),  # mojibake fixed by ftfy
         ("\u2603 \U0001f600 \u0000 emoji".encode(), None),
+        # ASCII captions skip ftfy only where it would change nothing: entities and control characters still go
+        (b"salt &amp; pepper", "salt & pepper"),
+        (b"a\x00 red\x7f circle", "a red circle"),
     ],
 )
 def test_captions_are_cleaned(data, expected):
