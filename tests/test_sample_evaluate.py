@@ -118,3 +118,28 @@ def test_evaluate_prompt_file_without_real_images(tiny_exports, tmp_path):
     assert "fd" not in report and "clip_score_real" not in report  # no real images to compare with
     assert report["compositional"]["unparsed"] == 1  # the dog is not a Shapes prompt
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+
+
+def test_evaluate_scores_with_a_reference_clip(tiny_exports, shapes_root, tmp_path):
+    """`scorer_clip` judges the same images with another CLIP (here a pretrained-style folder with other
+    weights): the CLIP scores change, what the oracle reads does not; a folder with no CLIP is one error."""
+    import torch
+    from transformers import CLIPModel
+
+    from dalle_lightning.models.tokenizer import load_tokenizer
+
+    own = CLIPModel.from_pretrained(str(tiny_exports["clip"]))
+    torch.manual_seed(1)
+    reference = tmp_path / "reference_clip"
+    CLIPModel(own.config).save_pretrained(str(reference))
+    load_tokenizer(tiny_exports["clip"]).save_pretrained(str(reference))
+    args = ["num_samples=6", "batch_size=6", *shapes_overrides(shapes_root), *stack(tiny_exports)]
+    by_own = evaluate(compose_config(args, tmp_path, "evaluate"))
+    cfg = compose_config([*args, f"scorer_clip={reference}"], tmp_path, "evaluate")
+    by_reference = evaluate(cfg)
+    assert by_reference["scorer_clip"] == str(reference) and by_own["scorer_clip"] == str(tiny_exports["clip"])
+    assert by_reference["clip_score_real"] != pytest.approx(by_own["clip_score_real"])
+    assert by_reference["compositional"] == by_own["compositional"]
+    cfg = compose_config([*args, f"scorer_clip={tmp_path}"], tmp_path, "evaluate")
+    with pytest.raises(UserError, match="holds no CLIP"):
+        evaluate(cfg)

@@ -6,7 +6,8 @@ Generates one image per prompt (the captions of the validation shards, or a prom
 - the Fréchet distance between generated and real images (`fid_inception` with Inception weights, else
   `fd_clip` in the CLIP's embedding space; the report names which), when real images exist;
 - the CLIP score of the generated images with their prompts, and of the real images with theirs (the
-  ceiling to read the first against);
+  ceiling to read the first against), on the pipeline's CLIP or on `scorer_clip` (a fixed reference CLIP, so
+  that stacks with different CLIPs can be compared: a better-trained CLIP is also a stricter judge);
 - on Shapes prompts, compositional accuracy: the oracle of `metrics/compositional.py` reads the objects back
   and checks colour, shape, count and relation, seen vs held-out combinations.
 
@@ -25,10 +26,12 @@ from typing import Any
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
+from transformers import CLIPModel, PreTrainedTokenizerBase
 
 from dalle_lightning.errors import UserError
 from dalle_lightning.metrics.compositional import CompositionalAccuracy, judge, parse_prompt
 from dalle_lightning.metrics.image import clip_scores, frechet_distance
+from dalle_lightning.models.tokenizer import load_tokenizer
 from dalle_lightning.pipeline import UnCLIPPipeline
 from dalle_lightning.sample import build_pipeline, read_prompts, wandb_run
 from dalle_lightning.visualize import captioned_grid, to_pil
@@ -66,18 +69,31 @@ def chunks(tensor: torch.Tensor, size: int):
     return tensor.split(max(1, size))
 
 
+def scoring_clip(cfg: DictConfig, pipe: UnCLIPPipeline) -> tuple[CLIPModel, PreTrainedTokenizerBase]:
+    """The CLIP that scores the images: the pipeline's own, or `scorer_clip` (a CLIP export or a folder saved
+    with `save_pretrained`), so that stacks with different CLIPs are measured with the same ruler."""
+    if not cfg.get("scorer_clip"):
+        return pipe.clip, pipe.tokenizer
+    path = Path(cfg.scorer_clip)
+    if not (path / "config.json").is_file():
+        raise UserError(f"scorer_clip='{path}' holds no CLIP (no config.json): give a CLIP export or pretrained folder")
+    return CLIPModel.from_pretrained(str(path)).eval().to(pipe.device), load_tokenizer(path)
+
+
 def score_images(
     pipe: UnCLIPPipeline, prompts: list[str], generated: torch.Tensor, real: torch.Tensor | None, cfg: DictConfig
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The report's metrics and per-sample records."""
     report: dict[str, Any] = {"num_samples": len(prompts)}
-    ids, mask = pipe.tokenize(prompts)
+    clip, tokenizer = scoring_clip(cfg, pipe)
+    tokens = tokenizer(list(prompts), padding="max_length", truncation=True, return_tensors="pt")
+    ids, mask = tokens["input_ids"], tokens["attention_mask"]
     size = cfg.batch_size
     device = pipe.device
 
     def per_image_clip_score(images: torch.Tensor) -> torch.Tensor:
         parts = zip(chunks(images, size), chunks(ids, size), chunks(mask, size))
-        return torch.cat([clip_scores(pipe.clip, x.to(device), i, m).cpu() for x, i, m in parts])
+        return torch.cat([clip_scores(clip, x.to(device), i.to(device), m.to(device)).cpu() for x, i, m in parts])
 
     generated_scores = per_image_clip_score(generated)
     report["clip_score_generated"] = generated_scores.mean().item()
@@ -85,7 +101,7 @@ def score_images(
         real_scores = per_image_clip_score(real)
         report["clip_score_real"] = real_scores.mean().item()
         report["clip_score_ratio"] = report["clip_score_generated"] / max(report["clip_score_real"], 1e-8)
-        name, distance = frechet_distance(pipe.clip, cfg.get("inception_weights"))
+        name, distance = frechet_distance(clip, cfg.get("inception_weights"))
         distance = distance.to(device)
         for fake_part, real_part in zip(chunks(generated, size), chunks(real, size)):
             distance.update(real_part.to(device), real=True)
@@ -124,6 +140,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         images_per_s=len(prompts) / seconds,
         image_size=pipe.image_size,
         exports={k: str(v) for k, v in cfg.exports.items()},
+        scorer_clip=str(cfg.scorer_clip) if cfg.get("scorer_clip") else str(cfg.exports.clip),
     )
 
     output_dir = Path(cfg.output_dir)
