@@ -90,6 +90,21 @@ def test_bpe_tokenizer_pools_at_eos_and_takes_any_text(tokenizer, tmp_path):
     assert load_tokenizer(tmp_path)("a red circle")["input_ids"] == tokenizer("a red circle")["input_ids"]
 
 
+def test_text_features_do_not_depend_on_trailing_padding(tmp_path, tokenizer):
+    torch.manual_seed(0)
+    model = make_module(tmp_path, tokenizer).model.eval()
+    captions = ["a red circle", "a blue square to the left of a yellow star"]
+    short = tokenizer(captions, padding="longest", return_tensors="pt")
+    long = tokenizer(captions, padding="max_length", max_length=24, return_tensors="pt")
+    assert short["input_ids"].shape[1] < 24
+    with torch.no_grad():
+        trimmed = encode_texts(model, long["input_ids"], long["attention_mask"])
+        reference = encode_texts(model, short["input_ids"], short["attention_mask"])
+        untrimmed = model.get_text_features(**long)
+        untrimmed = F.normalize(untrimmed if torch.is_tensor(untrimmed) else untrimmed.pooler_output, dim=-1)
+    assert torch.allclose(trimmed, reference, atol=1e-5) and torch.allclose(trimmed, untrimmed, atol=1e-5)
+
+
 def test_export_round_trip_and_one_line_errors(tmp_path, tokenizer, fixed_batch):
     torch.manual_seed(0)
     module = make_module(tmp_path, tokenizer).eval()

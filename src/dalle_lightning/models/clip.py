@@ -67,6 +67,11 @@ def encode_images(model: CLIPModel, images: torch.Tensor) -> torch.Tensor:
 
 def encode_texts(model: CLIPModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
     """L2-normalised text embeddings of token ids."""
+    if attention_mask is not None:
+        # Drop the padding columns no caption in the batch reaches: under the causal mask the result is the
+        # same, and short captions padded to the context length would otherwise double the text encoder's work.
+        length = int(attention_mask.sum(1).max())
+        input_ids, attention_mask = input_ids[:, :length], attention_mask[:, :length]
     output = model.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
     return F.normalize(_features(output), dim=-1)
 
