@@ -31,7 +31,7 @@ from transformers import CLIPModel, PreTrainedTokenizerBase
 from dalle_lightning.errors import UserError
 from dalle_lightning.metrics.compositional import CompositionalAccuracy, judge, parse_prompt
 from dalle_lightning.metrics.image import clip_scores, frechet_distance
-from dalle_lightning.models.tokenizer import load_tokenizer
+from dalle_lightning.models.tokenizer import load_tokenizer, tokenize_prompts
 from dalle_lightning.pipeline import UnCLIPPipeline
 from dalle_lightning.sample import build_pipeline, read_prompts, wandb_run
 from dalle_lightning.visualize import captioned_grid, to_pil
@@ -86,8 +86,7 @@ def score_images(
     """The report's metrics and per-sample records."""
     report: dict[str, Any] = {"num_samples": len(prompts)}
     clip, tokenizer = scoring_clip(cfg, pipe)
-    tokens = tokenizer(list(prompts), padding="max_length", truncation=True, return_tensors="pt")
-    ids, mask = tokens["input_ids"], tokens["attention_mask"]
+    ids, mask = tokenize_prompts(tokenizer, prompts)
     size = cfg.batch_size
     device = pipe.device
 

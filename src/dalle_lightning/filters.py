@@ -16,6 +16,7 @@ import torch
 
 from dalle_lightning.errors import UserError
 from dalle_lightning.models.clip import encode_images, encode_texts
+from dalle_lightning.models.tokenizer import tokenize_prompts
 
 
 class PromptBlocklist:
@@ -44,9 +45,8 @@ class ConceptFilter:
         if not concepts:
             raise UserError("the image filter needs at least one concept (filters.image_concepts=[...])")
         self.clip, self.threshold = clip, float(threshold)
-        tokens = tokenizer(list(concepts), padding="max_length", truncation=True, return_tensors="pt")
         with torch.no_grad():
-            self.concepts = encode_texts(clip, tokens["input_ids"], tokens["attention_mask"])
+            self.concepts = encode_texts(clip, *tokenize_prompts(tokenizer, concepts))
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from dalle_lightning.errors import UserError
 from dalle_lightning.export import load_clip_export, load_stage_export
 from dalle_lightning.models.clip import encode_images, encode_texts
+from dalle_lightning.models.tokenizer import tokenize_prompts
 from dalle_lightning.visualize import captioned_grid, to_pil
 
 PromptFilter = Callable[[str], bool]
@@ -173,8 +174,8 @@ class UnCLIPPipeline:
     # --- embeddings ----------------------------------------------------------------------------------------
 
     def tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = self.tokenizer(list(prompts), padding="max_length", truncation=True, return_tensors="pt")
-        return tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)
+        ids, mask = tokenize_prompts(self.tokenizer, prompts)
+        return ids.to(self.device), mask.to(self.device)
 
     @torch.no_grad()
     def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
