@@ -74,3 +74,54 @@ def test_sampler_quality_reports_fd_per_configuration(tiny_exports, shapes_root,
     floor = data["noise_floor"]
     assert math.isfinite(floor["fd_real_halves"]) and math.isfinite(floor["reference_seed_spread"])
     assert math.isfinite(data["real"]["clip_score"])
+
+
+PROBE = Path(__file__).resolve().parents[1] / "benchmarks" / "shape_probe.py"
+
+
+def _shape_probe_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("shape_probe", PROBE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_shape_probe_tells_factorised_features_from_pair_detectors():
+    """The probe's verdict: features that code colour and shape apart carry shape to held-out pairs; features
+    with one unit per colour-shape pair (what the demo CLIP learns) do not."""
+    import torch
+    from torch.nn.functional import one_hot
+
+    from dalle_lightning.data.shapes import COLOURS, HELDOUT_PAIRS, SHAPES
+
+    probe = _shape_probe_module().probe
+    pairs = [(c, s) for c in range(len(COLOURS)) for s in range(len(SHAPES))]
+    heldout = torch.tensor([(list(COLOURS)[c], SHAPES[s]) in HELDOUT_PAIRS for c, s in pairs])
+    colour, shape = torch.tensor([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
+    factorised = torch.cat([one_hot(colour, len(COLOURS)), one_hot(shape, len(SHAPES))], 1).float()
+    pair_units = torch.eye(len(pairs))
+    generator = torch.Generator().manual_seed(0)
+    accuracy = {}
+    for name, features in (("factorised", factorised), ("pairs", pair_units)):
+        train = features[~heldout].repeat(20, 1)
+        train = train + 0.1 * torch.randn(train.shape, generator=generator)
+        predicted = probe(train, shape[~heldout].repeat(20), features[heldout])
+        accuracy[name] = (predicted == shape[heldout]).float().mean().item()
+    assert accuracy["factorised"] == 1.0
+    assert accuracy["pairs"] <= 0.5, accuracy  # 6 held-out pairs whose units the probe never saw active
+
+
+def test_shape_probe_reports_seen_and_heldout_accuracy(tiny_clip_export, shapes_root, tmp_path):
+    """benchmarks/shape_probe.py on the random tiny CLIP and the small Shapes build: one JSON object with both
+    probes' accuracies (in [0, 1]) over the val split's one-shape scenes, seen and held-out both present."""
+    args = ["--clip-export", str(tiny_clip_export), "--data", str(shapes_root), "--num-train", "300"]
+    done = _run(PROBE, args, tmp_path, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    data = json.loads(done.stdout)
+    assert data["train_scenes"] == 300
+    for name in ("image", "text"):
+        counts = data[name]["val_scenes"]
+        assert counts["seen"] > 0 and counts["heldout"] > 0
+        assert 0.0 <= data[name]["seen"] <= 1.0 and 0.0 <= data[name]["heldout"] <= 1.0
