@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -40,11 +41,18 @@ from dalle_lightning.models.clip import encode_images, encode_texts
 from dalle_lightning.models.tokenizer import tokenize_prompts
 
 
-def read_scenes(
-    pattern: str, limit: int, size: int
-) -> tuple[torch.Tensor, list[str], torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Images in [-1, 1], captions, shape labels, held-out flags and colour labels of up to `limit` one-shape
-    scenes."""
+class Scenes(NamedTuple):
+    """One-shape scenes: images in [-1, 1], captions, and per scene its shape and colour index and held-out flag."""
+
+    pixels: torch.Tensor
+    captions: list[str]
+    shapes: torch.Tensor
+    heldout: torch.Tensor
+    colours: torch.Tensor
+
+
+def read_scenes(pattern: str, limit: int, size: int) -> Scenes:
+    """Up to `limit` single- and count-object scenes of the shards, in shard order."""
     images, captions, labels, heldout, colours = [], [], [], [], []
     source = wds.WebDataset(expand_shards(pattern), shardshuffle=False, empty_check=False)
     for sample in source:
@@ -60,7 +68,7 @@ def read_scenes(
         if len(labels) >= limit:
             break
     pixels = torch.stack(images).float() / 127.5 - 1
-    return pixels, captions, torch.tensor(labels), torch.tensor(heldout), torch.tensor(colours)
+    return Scenes(pixels, captions, torch.tensor(labels), torch.tensor(heldout), torch.tensor(colours))
 
 
 def probe(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
@@ -104,25 +112,24 @@ def main() -> None:
     train = read_scenes(str(data / "train" / "*.tar"), args.num_train, size)
     val = read_scenes(str(data / "val" / "*.tar"), args.num_val, size)
 
-    def features(scenes) -> tuple[torch.Tensor, torch.Tensor]:
-        pixels, captions = scenes[0], scenes[1]
+    def features(scenes: Scenes) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
-            images = torch.cat([encode_images(model, chunk) for chunk in pixels.split(500)])
-            texts = encode_texts(model, *tokenize_prompts(tokenizer, captions))
+            images = torch.cat([encode_images(model, chunk) for chunk in scenes.pixels.split(500)])
+            texts = encode_texts(model, *tokenize_prompts(tokenizer, scenes.captions))
         return images, texts
 
     (train_images, train_texts), (val_images, val_texts) = features(train), features(val)
-    labels, heldout = val[2], val[3]
-    report: dict[str, object] = {"clip_export": args.clip_export, "train_scenes": len(train[2])}
+    heldout = val.heldout
+    report: dict[str, object] = {"clip_export": args.clip_export, "train_scenes": len(train.shapes)}
 
     def scores(train_x: torch.Tensor, val_x: torch.Tensor) -> dict[str, float]:
-        right = (probe(train_x, train[2], val_x) == labels).float()
+        right = (probe(train_x, train.shapes, val_x) == val.shapes).float()
         return {"seen": round(right[~heldout].mean().item(), 3), "heldout": round(right[heldout].mean().item(), 3)}
 
     for name, train_x, val_x in (("image", train_images, val_images), ("text", train_texts, val_texts)):
         report[name] = {
             **scores(train_x, val_x),
-            "colour_removed": scores(*remove_colour(train_x, train[4], val_x)),
+            "colour_removed": scores(*remove_colour(train_x, train.colours, val_x)),
             "val_scenes": {"seen": int((~heldout).sum()), "heldout": int(heldout.sum())},
         }
     print(json.dumps(report, indent=2))

@@ -88,20 +88,30 @@ def _shape_probe_module():
     return module
 
 
+def _colour_shape_table():
+    """Colour index, shape index and held-out flag of every Shapes colour-shape pair."""
+    import torch
+
+    from dalle_lightning.data.shapes import COLOURS, HELDOUT_PAIRS, SHAPES
+
+    pairs = [(colour, shape) for colour in COLOURS for shape in SHAPES]
+    colour = torch.tensor([list(COLOURS).index(c) for c, _ in pairs])
+    shape = torch.tensor([SHAPES.index(s) for _, s in pairs])
+    return colour, shape, torch.tensor([pair in HELDOUT_PAIRS for pair in pairs])
+
+
 def test_shape_probe_tells_factorised_features_from_pair_detectors():
     """The probe's verdict: features that code colour and shape apart carry shape to held-out pairs; features
     with one unit per colour-shape pair (what the demo CLIP learns) do not."""
     import torch
     from torch.nn.functional import one_hot
 
-    from dalle_lightning.data.shapes import COLOURS, HELDOUT_PAIRS, SHAPES
+    from dalle_lightning.data.shapes import COLOURS, SHAPES
 
     probe = _shape_probe_module().probe
-    pairs = [(c, s) for c in range(len(COLOURS)) for s in range(len(SHAPES))]
-    heldout = torch.tensor([(list(COLOURS)[c], SHAPES[s]) in HELDOUT_PAIRS for c, s in pairs])
-    colour, shape = torch.tensor([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
+    colour, shape, heldout = _colour_shape_table()
     factorised = torch.cat([one_hot(colour, len(COLOURS)), one_hot(shape, len(SHAPES))], 1).float()
-    pair_units = torch.eye(len(pairs))
+    pair_units = torch.eye(len(shape))  # one unit per colour-shape pair
     generator = torch.Generator().manual_seed(0)
     accuracy = {}
     for name, features in (("factorised", factorised), ("pairs", pair_units)):
@@ -120,12 +130,10 @@ def test_shape_probe_without_colour_sees_through_the_colour_veto():
     import torch
     from torch.nn.functional import one_hot
 
-    from dalle_lightning.data.shapes import COLOURS, HELDOUT_PAIRS, SHAPES
+    from dalle_lightning.data.shapes import COLOURS, SHAPES
 
     module = _shape_probe_module()
-    pairs = [(c, s) for c in range(len(COLOURS)) for s in range(len(SHAPES))]
-    heldout = torch.tensor([(list(COLOURS)[c], SHAPES[s]) in HELDOUT_PAIRS for c, s in pairs])
-    colour, shape = torch.tensor([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
+    colour, shape, heldout = _colour_shape_table()
     generator = torch.Generator().manual_seed(0)
     features = torch.cat([5 * one_hot(colour, len(COLOURS)), 0.3 * one_hot(shape, len(SHAPES))], 1).float()
     train = features[~heldout].repeat(20, 1)
