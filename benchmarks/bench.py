@@ -338,17 +338,11 @@ def make_timer(device: Device, flops_step: bool, after_flops: Callable[[Any], No
     return StepTimer()
 
 
-def compile_network(module, attribute: str) -> None:
-    """torch.compile the stage's network in place (its state-dict keys stay the same)."""
-    getattr(module, attribute).compile()
-
-
 def train_benchmark(
     name: str,
     stage: str,
     overrides: list[str],
     make_batch: Callable[[torch.device], dict[str, torch.Tensor]],
-    network: str,
     args,
     device: Device,
     workdir: Path,
@@ -363,7 +357,7 @@ def train_benchmark(
         prepare(module, batch)
     batch_size = next(iter(batch.values())).shape[0]
     warmup = max(args.warmup, 2) if args.compile else args.warmup
-    after = (lambda m: compile_network(m, network)) if args.compile else None
+    after = (lambda m: m.compile_networks()) if args.compile else None
     timer = make_timer(device, not args.no_flops, after)
     steps = int(not args.no_flops) + warmup + args.iters
     with quiet():
@@ -480,7 +474,7 @@ def sample_benchmarks(args, device: Device, workdir: Path) -> list[dict]:
                 run(probe, sampler)
             flops[name] = counter.get_total_flops() * steps // probe
     if args.compile:  # after the eager FLOP count; the first timed-warmup call compiles
-        compile_network(module, "unet")
+        module.compile_networks()
     warmup = max(args.sample_warmup - 1, 0) + int(args.compile)
     rows = []
     for name, sampler, steps in plans:
@@ -772,7 +766,7 @@ def parse_args(argv=None):
         "--json", nargs="?", const="-", default=None, metavar="PATH", help="write JSON to PATH ('-': stdout)"
     )
     p.add_argument("--quick", action="store_true", help="a few iterations and small shards (a smoke test)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the stage's network (after the FLOP step)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the stage's networks (after the FLOP step)")
     p.add_argument(
         "--peer",
         nargs="?",
@@ -859,12 +853,12 @@ def main(argv=None) -> dict:
         f"{meta['threads']}" + (" | compile" if args.compile else "")
     )
 
-    # Each training benchmark: the stage, its config overrides, the batch it steps on, the network whose
-    # parameters are counted, and what the row reports besides.
+    # Each training benchmark: the stage, its config overrides, the batch it steps on, and what the row reports
+    # besides.
     def decoder(layout: list[str], image_size: int, batch: int) -> dict[str, Any]:
         overrides = [*layout, f"model.decoder.image_size={image_size}"]
         make_batch = decoder_batch(image_size, batch)
-        return dict(stage="decoder", network="unet", overrides=overrides, make_batch=make_batch, image_size=image_size)
+        return dict(stage="decoder", overrides=overrides, make_batch=make_batch, image_size=image_size)
 
     train_specs = {
         "decoder32_train": decoder(DECODER_MATCHED, 32, args.batch32),
@@ -874,7 +868,6 @@ def main(argv=None) -> dict:
             stage="prior",
             overrides=PRIOR_MATCHED,
             make_batch=prior_batch(args.batch_prior),
-            network="prior",
             prepare=prior_statistics,
             conditioning="text embedding only",
         ),
@@ -882,7 +875,6 @@ def main(argv=None) -> dict:
             stage="upsampler",
             overrides=[],
             make_batch=image_batch(64, args.batch_upsampler),
-            network="unet",
             preset="model/upsampler/tiny (32 -> 64 px, 32 px training crops)",
             image_size=64,
         ),
@@ -890,7 +882,6 @@ def main(argv=None) -> dict:
             stage="clip",
             overrides=CLIP_TINY,
             make_batch=clip_batch(32, args.batch_clip, 1024, 24),
-            network="model",
             preset="model/clip/tiny",
             image_size=32,
         ),

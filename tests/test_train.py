@@ -38,6 +38,37 @@ def test_clip_trains_logs_offline_to_wandb_and_exports(tmp_path, shapes_root):
     assert (export / "model.safetensors").stat().st_size > 100_000
 
 
+def test_export_dir_over_the_runs_folder_is_refused_before_training(tmp_path, shapes_root):
+    """paths.export_dir = paths.log_dir would make the export replace `<log_dir>/clip`, the runs' folder."""
+    args = [*_common(tmp_path, shapes_root), f"paths.export_dir={tmp_path}/outputs", "logger=csv", "run_name=a"]
+    result = run_train(args, tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = lines_starting(result.stderr)
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"would replace '{tmp_path}/outputs/clip', which is not an export" in errors[0]
+    run = tmp_path / "outputs" / "clip" / "runs" / "a"
+    assert (run / ".hydra" / "config.yaml").is_file() and not (run / "checkpoints" / "last.ckpt").exists()
+
+
+def test_an_export_replaces_an_export_but_not_other_files(tmp_path):
+    from dalle_lightning.errors import UserError
+    from dalle_lightning.export import write_export
+
+    def save(folder: Path) -> None:
+        (folder / "weights.safetensors").write_bytes(b"new")
+
+    target = tmp_path / "export" / "prior"
+    write_export(target, "prior", save)
+    write_export(target, "prior", save)  # a retrained stage's export replaces its earlier export
+    assert (target / "weights.safetensors").read_bytes() == b"new"
+    runs = tmp_path / "outputs" / "prior"
+    (runs / "runs" / "a").mkdir(parents=True)
+    (runs / "runs" / "a" / "last.ckpt").write_bytes(b"checkpoint")
+    with pytest.raises(UserError, match="not an export"):
+        write_export(runs, "prior", save)
+    assert (runs / "runs" / "a" / "last.ckpt").read_bytes() == b"checkpoint"
+
+
 def test_resume_from_last_continues_the_run(tmp_path, shapes_root):
     first = run_train([*_common(tmp_path, shapes_root), "logger=csv", "run_name=a"], tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]

@@ -18,7 +18,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from dalle_lightning.errors import UserError
-from dalle_lightning.export import write_export
+from dalle_lightning.export import check_export_target, write_export
 from dalle_lightning.visualize import captioned_grid
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,10 @@ class ExportCallback(L.Callback):
         self.dirpath = Path(dirpath)
         self.stage = stage
         self.config = config
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and trainer.is_global_zero:  # fail before training, not after it
+            check_export_target(self.dirpath, self.stage)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.interrupted or trainer.sanity_checking:

@@ -20,9 +20,22 @@ from dalle_lightning.errors import UserError
 MANIFEST = "dalle_lightning.json"
 
 
-def write_export(path: str | Path, stage: str, save: Callable[[Path], None], config: Any = None) -> Path:
-    """Call `save(tmp_dir)`, add the manifest, then atomically replace `path` with the result."""
+def check_export_target(path: str | Path, stage: str) -> None:
+    """Refuse a target that holds something other than an export: replacing it would delete that (say
+    paths.export_dir pointed at the runs' folder, whose `<stage>/` holds the checkpoints)."""
     path = Path(path)
+    if path.exists() and not (path / MANIFEST).is_file() and (not path.is_dir() or any(path.iterdir())):
+        raise UserError(
+            f"the {stage} export would replace '{path}', which is not an export (no {MANIFEST}): "
+            "set paths.export_dir to a folder of its own"
+        )
+
+
+def write_export(path: str | Path, stage: str, save: Callable[[Path], None], config: Any = None) -> Path:
+    """Call `save(tmp_dir)`, add the manifest, then atomically replace `path` with the result (an earlier
+    export, or nothing: see `check_export_target`)."""
+    path = Path(path)
+    check_export_target(path, stage)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     old = path.with_name(f".{path.name}.old")

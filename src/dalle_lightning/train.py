@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,26 @@ def _requeue(job: str) -> None:
         log.warning("scontrol requeue %s failed: %s", job, result.stderr.strip())
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_options(value: Any) -> dict[str, Any] | None:
+    """The `compile` setting as torch.compile's keyword arguments; None: run eagerly. `true`, a mode name, or
+    the arguments themselves (`compile={mode:max-autotune,dynamic:false}`)."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return {}
+    if isinstance(value, str) and value in COMPILE_MODES:
+        return {"mode": value}
+    if isinstance(value, Mapping):
+        return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else dict(value)
+    raise UserError(
+        f"compile={value!r}: use false, true, a torch.compile mode ({', '.join(COMPILE_MODES)}) "
+        "or torch.compile's arguments ({mode:...,dynamic:...})"
+    )
+
+
 def _instantiate_all(group: DictConfig | None) -> list[Any]:
     return [instantiate(node) for node in (group or {}).values() if node is not None and "_target_" in node]
 
@@ -106,6 +127,7 @@ def _instantiate_all(group: DictConfig | None) -> list[Any]:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the stage; write the export and `metrics.json`; return the final metrics."""
     stage = cfg.stage.name
+    compile_with = compile_options(cfg.get("compile"))
     L.seed_everything(cfg.seed, workers=True)
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -122,6 +144,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule.tokenizer = tokenizer
     module = instantiate(cfg.stage.module, tokenizer=tokenizer, _convert_="all")
     check_output_dir(output_dir, checkpoint_bytes(module))
+    if compile_with is not None:
+        module.compile_networks(**compile_with)
+        log.info("torch.compile %s with %s", ", ".join(module.compiled_networks), compile_with or "its defaults")
 
     callbacks = _instantiate_all(cfg.get("callbacks"))
     resolved = OmegaConf.to_container(cfg, resolve=True)

@@ -59,6 +59,8 @@ class StageModule(L.LightningModule):
 
     # Submodules loaded from elsewhere (a frozen CLIP export) and never trained: kept out of checkpoints.
     frozen_prefixes: tuple[str, ...] = ()
+    # The networks a step spends its time in (dotted submodule paths), for `compile_networks`.
+    compiled_networks: tuple[str, ...] = ()
 
     def __init__(self, optim: Mapping[str, Any], scheduler: Mapping[str, Any] | None = None):
         super().__init__()
@@ -66,6 +68,12 @@ class StageModule(L.LightningModule):
         self.scheduler_config = dict(scheduler) if scheduler else None
         self.skipped: Counter = Counter()
         self._rng_to_restore: dict[str, Any] | None = None
+
+    def compile_networks(self, **options: Any) -> None:
+        """`torch.compile` the stage's networks in place (`nn.Module.compile`), so that state-dict keys, and with
+        them checkpoints, EMA weights and exports, stay those of the eager modules. `options` go to torch.compile."""
+        for name in self.compiled_networks:
+            self.get_submodule(name).compile(**options)
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Weight decay on matrices only, not on biases, norms, embeddings' scales or temperatures."""

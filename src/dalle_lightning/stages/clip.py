@@ -51,6 +51,9 @@ class ClipModule(StageModule):
     """Contrastive CLIP on transformers' `CLIPModel`; validation reports retrieval R@1/R@5 both ways and
     zero-shot accuracy (also split into held-out and seen when the data marks them)."""
 
+    # get_image_features / get_text_features call the two towers, never CLIPModel.__call__.
+    compiled_networks = ("model.vision_model", "model.text_model")
+
     def __init__(
         self,
         model: Mapping[str, Any],

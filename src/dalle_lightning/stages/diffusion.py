@@ -39,6 +39,7 @@ class ImageDiffusionModule(StageModule):
     for a batch, what else to measure on samples, and what a preview row shows."""
 
     frozen_prefixes = ("clip.", "image_metrics.")
+    compiled_networks = ("unet",)
     stage_name = ""  # the config group its model preset is in: model.<stage_name>
 
     def __init__(

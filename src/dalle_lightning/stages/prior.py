@@ -38,6 +38,7 @@ class PriorModule(StageModule):
 
     # The frozen text encoder comes from the CLIP export: no need to store it with every checkpoint.
     frozen_prefixes = ("text_encoder.",)
+    compiled_networks = ("prior",)
     # What export() writes, for export.load_stage_export.
     export_weights: ClassVar[dict[str, str]] = {"prior": "prior/diffusion_pytorch_model.safetensors"}
 
