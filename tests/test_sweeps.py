@@ -142,7 +142,6 @@ SWEEP = [
     "trainer.max_steps=2",
     "data.samples_per_epoch=64",
     "data.val_samples=32",
-    "callbacks.export=null",
     "hydra.sweeper.n_trials=2",
 ]
 
@@ -172,6 +171,7 @@ def test_two_trial_optuna_sweep_records_its_study_and_resumes(tmp_path, shapes_r
     for job, trial in zip(("0", "1"), trials):
         metrics = json.loads((sweep / job / "metrics.json").read_text())
         assert metrics["val/t2i_r1"] == trial.value  # what Optuna was told is the job's metric
+        assert (sweep / job / "export" / "clip" / "model.safetensors").is_file()  # each trial's own export
         (run_file,) = (sweep / job / "wandb").glob("offline-run-*/run-*.wandb")
         run = _wandb_run_record(run_file)
         assert run.run_group == "clip_optuna"
@@ -188,6 +188,7 @@ def test_two_trial_optuna_sweep_records_its_study_and_resumes(tmp_path, shapes_r
     assert {t.params["optim.lr"] for t in resumed[2:]}.isdisjoint(t.params["optim.lr"] for t in resumed[:2])
     sweeps = sorted((optuna_dir / "clip_optuna").iterdir())
     assert len(sweeps) == 2 and sorted(p.name for p in sweeps[1].iterdir() if p.is_dir()) == ["0", "1"]
+    assert not (tmp_path / "export" / "clip").exists()
 
 
 @pytest.mark.slow

@@ -99,7 +99,6 @@ def test_multirun_over_two_values(tmp_path, shapes_root):
             "logger=none",
             "run_name=sweep",
             "optim.lr=1e-3,3e-3",
-            "callbacks.export=null",
         ],
         tmp_path,
     )
@@ -111,6 +110,9 @@ def test_multirun_over_two_values(tmp_path, shapes_root):
     assert all("val/t2i_r1" in m for m in lrs)
     overrides = [(j / ".hydra" / "overrides.yaml").read_text() for j in jobs]
     assert "optim.lr=0.001" in overrides[0] and "optim.lr=0.003" in overrides[1]
+    # Each job exports into its own folder: into the shared export folder, the second would replace the first's.
+    assert all((j / "export" / "clip" / "dalle_lightning.json").is_file() for j in jobs)
+    assert not (tmp_path / "export" / "clip").exists()
 
 
 def test_two_process_ddp_run_of_train_py(tmp_path, shapes_root):

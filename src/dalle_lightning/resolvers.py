@@ -119,6 +119,11 @@ def sweep_group(default: str) -> str:
     return str(study) if study else f"{default}-{Path(str(hydra_cfg.sweep.dir)).name}"
 
 
+def unless_sweep_job(single: Any, in_sweep_job: Any) -> Any:
+    """`single` for a single run, `in_sweep_job` for a job of a multirun (grid or Optuna)."""
+    return in_sweep_job if _is_sweep_job(_hydra_config()) else single
+
+
 def _short(value: str) -> str:
     try:
         number = float(value)
@@ -154,3 +159,4 @@ OmegaConf.register_new_resolver("dl.sqlite_url", sqlite_url, replace=True)
 OmegaConf.register_new_resolver("dl.study_seed", study_seed, replace=True)
 OmegaConf.register_new_resolver("dl.sweep_group", sweep_group, replace=True)
 OmegaConf.register_new_resolver("dl.swept_values", swept_values, replace=True)
+OmegaConf.register_new_resolver("dl.unless_sweep_job", unless_sweep_job, replace=True)
