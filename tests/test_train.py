@@ -61,6 +61,17 @@ def test_an_export_replaces_an_export_but_not_other_files(tmp_path):
     write_export(target, "prior", save)
     write_export(target, "prior", save)  # a retrained stage's export replaces its earlier export
     assert (target / "weights.safetensors").read_bytes() == b"new"
+    other_run = target.with_name(".prior.12345.0badcafe.tmp")  # another run's export in progress
+    other_run.mkdir()
+
+    def fail(folder: Path) -> None:
+        (folder / "weights.safetensors").write_bytes(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_export(target, "prior", fail)
+    assert (target / "weights.safetensors").read_bytes() == b"new"  # the earlier export is untouched
+    assert sorted(p.name for p in target.parent.iterdir()) == [".prior.12345.0badcafe.tmp", "prior"]
     runs = tmp_path / "outputs" / "prior"
     (runs / "runs" / "a").mkdir(parents=True)
     (runs / "runs" / "a" / "last.ckpt").write_bytes(b"checkpoint")

@@ -9,6 +9,8 @@ interrupted export never leaves a half-written one in place.
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -37,17 +39,25 @@ def write_export(path: str | Path, stage: str, save: Callable[[Path], None], con
     path = Path(path)
     check_export_target(path, stage)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    old = path.with_name(f".{path.name}.old")
-    for leftover in (tmp, old):
-        shutil.rmtree(leftover, ignore_errors=True)
+    # Folders of this process's own: two runs exporting the same stage at once must not delete each other's.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    old = tmp.with_suffix(".old")
     tmp.mkdir()
-    save(tmp)
-    (tmp / MANIFEST).write_text(json.dumps({"stage": stage, "version": __version__, "config": config}, indent=2))
-    if path.exists():
-        path.rename(old)
-    tmp.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
+    try:
+        save(tmp)
+        manifest = {"stage": stage, "version": __version__, "config": config}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if path.exists():
+            path.rename(old)
+        try:
+            tmp.rename(path)
+        except OSError:
+            if old.exists() and not path.exists():
+                old.rename(path)  # the earlier export stays
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
     return path
 
 
