@@ -46,7 +46,8 @@ class ExportCallback(L.Callback):
         self.config = config
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit" and trainer.is_global_zero:  # fail before training, not after it
+        # Fail before training, not after it; on every rank, so that none is left waiting for rank zero.
+        if stage == "fit":
             check_export_target(self.dirpath, self.stage)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
