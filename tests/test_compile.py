@@ -12,13 +12,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import FAST_CLIP, compose_config, first_batch, run_train, shapes_overrides
+from conftest import FAST_CLIP, first_batch, run_train, shapes_overrides
 from dalle_lightning.errors import UserError
 from dalle_lightning.export import load_stage_export
 from dalle_lightning.models.tokenizer import load_tokenizer
-from dalle_lightning.stages.clip import ClipModule
-from dalle_lightning.stages.upsampler import UpsamplerModule
 from dalle_lightning.train import compile_options
+from test_clip import make_module as make_clip
+from test_decoder import make_upsampler
 
 
 class GraphRecorder:
@@ -33,23 +33,21 @@ class GraphRecorder:
 
 
 def _clip(tmp_path, tiny_clip_export, shapes_root):
-    cfg = OmegaConf.to_container(compose_config(["stage=clip"], tmp_path), resolve=True)
     tokenizer = load_tokenizer(tiny_clip_export)
-    module = ClipModule(cfg["model"]["clip"], cfg["optim"], None, tokenizer)
+    module = make_clip(tmp_path, tokenizer)
     batch = first_batch(shapes_root, image_size=32, batch_size=8, tokenizer=tokenizer)
-    return module, batch, lambda: module._loss(dict(batch), gather=None)[0]
+    return module, lambda: module._loss(dict(batch), gather=None)[0]
 
 
 def _upsampler(tmp_path, tiny_clip_export, shapes_root):
-    cfg = OmegaConf.to_container(compose_config(["stage=upsampler"], tmp_path), resolve=True)
-    module = UpsamplerModule(cfg["model"]["upsampler"], str(tiny_clip_export), cfg["optim"], None)
+    module = make_upsampler(tmp_path, tiny_clip_export)
     batch = first_batch(shapes_root, image_size=64, batch_size=4)
-    return module, batch, lambda: module.training_step(dict(batch), 0)
+    return module, lambda: module.training_step(dict(batch), 0)
 
 
 @pytest.mark.parametrize("build", [_clip, _upsampler], ids=["clip", "upsampler"])
 def test_compiled_step_runs_the_traced_networks_and_keeps_loss_and_keys(build, tmp_path, tiny_clip_export, shapes_root):
-    module, _, step = build(tmp_path, tiny_clip_export, shapes_root)
+    module, step = build(tmp_path, tiny_clip_export, shapes_root)
     keys = list(module.state_dict())
     torch.manual_seed(0)
     eager = step()
@@ -70,14 +68,16 @@ def test_compiled_step_runs_the_traced_networks_and_keeps_loss_and_keys(build, t
 
 @pytest.mark.parametrize(
     "value,expected",
-    [(False, None), (None, None), (True, {}), ("max-autotune", {"mode": "max-autotune"})],
+    [
+        (False, None),
+        (None, None),
+        (True, {}),
+        ("max-autotune", {"mode": "max-autotune"}),
+        (OmegaConf.create({"mode": "default", "dynamic": False}), {"mode": "default", "dynamic": False}),
+    ],
 )
 def test_compile_setting_becomes_torch_compile_arguments(value, expected):
     assert compile_options(value) == expected
-    assert compile_options(OmegaConf.create({"mode": "default", "dynamic": False})) == {
-        "mode": "default",
-        "dynamic": False,
-    }
 
 
 def test_unknown_compile_value_is_a_one_line_error():
