@@ -304,6 +304,27 @@ class FixedBatches(torch.utils.data.IterableDataset):
             yield self.batch
 
 
+class SavedForBackward(torch.autograd.graph.saved_tensors_hooks):
+    """Counts the bytes of the distinct non-parameter tensors autograd keeps for the backward pass: the
+    activation memory of a step, on any device. Tensors that gradient checkpointing drops and recomputes are
+    not kept, so they do not count."""
+
+    def __init__(self):
+        self.storages: dict[tuple[torch.device, int], int] = {}
+        self.parameters: set[int] = set()
+        super().__init__(self._pack, lambda tensor: tensor)
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        if not isinstance(tensor, torch.nn.Parameter):
+            storage = tensor.untyped_storage()
+            self.storages[(tensor.device, storage.data_ptr())] = storage.nbytes()
+        return tensor
+
+    @property
+    def mib(self) -> float:
+        return sum(self.storages.values()) / 2**20
+
+
 def make_timer(device: Device, flops_step: bool, after_flops: Callable[[Any], None] | None):
     import lightning as L
 
@@ -315,17 +336,22 @@ def make_timer(device: Device, flops_step: bool, after_flops: Callable[[Any], No
             self.times: list[float] = []
             self.flops: int | None = None
             self._counter = None
+            self.saved = SavedForBackward()
 
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
             device.sync()
-            if batch_idx == 0 and flops_step:
-                self._counter = flop_counter()
-                self._counter.__enter__()
+            if batch_idx == 0:  # never timed: the FLOP step or a warmup step
+                self.saved.__enter__()
+                if flops_step:
+                    self._counter = flop_counter()
+                    self._counter.__enter__()
             self._t0 = time.perf_counter()
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
             device.sync()
             elapsed = time.perf_counter() - self._t0
+            if batch_idx == 0:
+                self.saved.__exit__(None, None, None)
             if self._counter is not None:
                 self._counter.__exit__(None, None, None)
                 self.flops = int(self._counter.get_total_flops())
@@ -352,6 +378,9 @@ def train_benchmark(
     from hydra.utils import instantiate
 
     module, cfg = build_stage(stage, overrides, workdir)
+    checkpointed = bool(args.gradient_checkpointing and module.checkpointed_networks)
+    if checkpointed:
+        module.enable_gradient_checkpointing()
     batch = make_batch(torch.device(device.type))
     if prepare is not None:
         prepare(module, batch)
@@ -377,8 +406,12 @@ def train_benchmark(
             limit_val_batches=0,
         )
         loader = torch.utils.data.DataLoader(FixedBatches(batch), batch_size=None)
+        if device.cuda:
+            torch.cuda.reset_peak_memory_stats()
         trainer.fit(module, train_dataloaders=loader)
     times = timer.times[warmup:]
+    if device.cuda:
+        extra["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     clip = cfg.trainer.get("gradient_clip_val")
     return summarize(
         name,
@@ -390,6 +423,8 @@ def train_benchmark(
         flops_scope="fwd+bwd (matmul/conv/attention only)",
         overrides=overrides,
         compiled=bool(args.compile),
+        gradient_checkpointing=checkpointed,
+        saved_for_backward_mib=timer.saved.mib,
         **extra,
     )
 
@@ -767,6 +802,9 @@ def parse_args(argv=None):
     )
     p.add_argument("--quick", action="store_true", help="a few iterations and small shards (a smoke test)")
     p.add_argument("--compile", action="store_true", help="torch.compile the stage's networks (after the FLOP step)")
+    p.add_argument(
+        "--gradient-checkpointing", action="store_true", help="recompute activations in backward (not the prior)"
+    )
     p.add_argument(
         "--peer",
         nargs="?",

@@ -37,6 +37,7 @@ def test_quick_bench_writes_peer_json_form(tmp_path):
     prior = rows["prior_train"]
     assert abs(prior["params"] / PEER_PRIOR_PARAMS - 1) <= 0.10  # matched size: within 10% of the peer's
     assert prior["gflop_per_iter"] > 0 and prior["achieved_gflops"] > 0
+    assert prior["saved_for_backward_mib"] > 0 and prior["gradient_checkpointing"] is False
     assert prior["fraction_of_fp32_mm_ceiling"] > 0
 
     # Our own matmul ceiling is measured in the same run.

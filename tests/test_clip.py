@@ -15,7 +15,7 @@ from dalle_lightning.export import load_clip_export, write_export
 from dalle_lightning.metrics.retrieval import RetrievalMetrics
 from dalle_lightning.models.clip import build_clip, encode_images, encode_texts
 from dalle_lightning.models.tokenizer import load_tokenizer, train_bpe
-from dalle_lightning.stages.clip import ClipModule, ContrastiveLoss
+from dalle_lightning.stages.clip import ClipModule, ContrastiveLoss, SigmoidLoss
 
 
 @pytest.fixture(scope="module")
@@ -32,12 +32,13 @@ def fixed_batch(shapes_root, tokenizer):
 def make_module(tmp_path, tokenizer, overrides=()):
     cfg = compose_config(["scheduler=constant", *overrides], tmp_path)
     plain = OmegaConf.to_container(cfg, resolve=True)
-    return ClipModule(plain["model"]["clip"], plain["optim"], None, tokenizer)
+    return ClipModule(plain["model"]["clip"], plain["optim"], None, tokenizer, loss=plain["stage"]["loss"])
 
 
-def test_loss_falls_on_a_fixed_batch(tmp_path, tokenizer, fixed_batch):
+@pytest.mark.parametrize("loss", ["infonce", "sigmoid"])
+def test_loss_falls_on_a_fixed_batch(tmp_path, tokenizer, fixed_batch, loss):
     torch.manual_seed(0)
-    module = make_module(tmp_path, tokenizer, ["optim.lr=3e-4"])
+    module = make_module(tmp_path, tokenizer, ["optim.lr=3e-4", f"stage.loss={loss}"])
     optimizer = module.configure_optimizers()["optimizer"]
     losses = []
     for _ in range(40):
@@ -57,6 +58,25 @@ def test_contrastive_loss_is_clips_symmetric_cross_entropy():
     expected = (F.cross_entropy(scale * image @ text.T, labels) + F.cross_entropy(scale * text @ image.T, labels)) / 2
     ours = ContrastiveLoss()(image, text, scale)
     assert torch.allclose(ours, expected, atol=1e-6)
+
+
+def test_sigmoid_loss_is_siglips_pairwise_binary_cross_entropy():
+    torch.manual_seed(0)
+    image, text = F.normalize(torch.randn(6, 8), dim=-1), F.normalize(torch.randn(6, 8), dim=-1)
+    scale = torch.tensor(10.0)
+    loss = SigmoidLoss(bias_init=-3.0)
+    logits = scale * image @ text.T - 3.0
+    expected = F.binary_cross_entropy_with_logits(logits, torch.eye(6), reduction="sum") / 6
+    assert torch.allclose(loss(image, text, scale), expected, atol=1e-5)
+    # Matching pairs pull the loss down, swapped ones push it up; the bias is learnt.
+    assert loss(image, image, scale) < loss(image, image.roll(1, 0), scale)
+    loss(image, text, scale).backward()
+    assert loss.bias.grad is not None and loss.bias.grad != 0
+
+
+def test_unknown_loss_is_a_one_line_error(tmp_path, tokenizer):
+    with pytest.raises(UserError, match=r"stage.loss='softmax' is unknown: use infonce or sigmoid"):
+        make_module(tmp_path, tokenizer, ["stage.loss=softmax"])
 
 
 def test_retrieval_metrics_on_known_features():

@@ -32,20 +32,20 @@ class GraphRecorder:
         return graph.forward
 
 
-def _clip(tmp_path, tiny_clip_export, shapes_root):
+def clip_step(tmp_path, tiny_clip_export, shapes_root):
     tokenizer = load_tokenizer(tiny_clip_export)
     module = make_clip(tmp_path, tokenizer)
     batch = first_batch(shapes_root, image_size=32, batch_size=8, tokenizer=tokenizer)
     return module, lambda: module._loss(dict(batch), gather=None)[0]
 
 
-def _upsampler(tmp_path, tiny_clip_export, shapes_root):
+def upsampler_step(tmp_path, tiny_clip_export, shapes_root):
     module = make_upsampler(tmp_path, tiny_clip_export)
     batch = first_batch(shapes_root, image_size=64, batch_size=4)
     return module, lambda: module.training_step(dict(batch), 0)
 
 
-@pytest.mark.parametrize("build", [_clip, _upsampler], ids=["clip", "upsampler"])
+@pytest.mark.parametrize("build", [clip_step, upsampler_step], ids=["clip", "upsampler"])
 def test_compiled_step_runs_the_traced_networks_and_keeps_loss_and_keys(build, tmp_path, tiny_clip_export, shapes_root):
     module, step = build(tmp_path, tiny_clip_export, shapes_root)
     keys = list(module.state_dict())
@@ -89,8 +89,9 @@ def test_unknown_compile_value_is_a_one_line_error():
 
 @pytest.mark.slow
 def test_train_py_with_compile_trains_checkpoints_and_exports_as_eager(tmp_path, shapes_root, tiny_clip_export):
-    """The upsampler under `compile=...` through the real train.py: EMA weights (a deep copy of the compiled
-    module), validation sampling, checkpoints and the export work, with the eager module's keys."""
+    """The upsampler under `compile=...` (and `gradient_checkpointing=true`) through the real train.py: EMA
+    weights (a deep copy of the compiled module), validation sampling, checkpoints and the export work, with the
+    eager module's keys."""
     args = [
         "stage=upsampler",
         f"stage.clip_export={tiny_clip_export}",
@@ -104,6 +105,7 @@ def test_train_py_with_compile_trains_checkpoints_and_exports_as_eager(tmp_path,
         *shapes_overrides(shapes_root),
         "logger=csv",
         "compile={backend:eager}",
+        "gradient_checkpointing=true",
         f"paths.log_dir={tmp_path}/outputs",
         f"paths.export_dir={tmp_path}/export",
         "run_name=run",
@@ -111,6 +113,7 @@ def test_train_py_with_compile_trains_checkpoints_and_exports_as_eager(tmp_path,
     result = run_train(args, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "torch.compile unet with {'backend': 'eager'}" in result.stdout + result.stderr
+    assert "gradient checkpointing: unet" in result.stdout + result.stderr
     run = tmp_path / "outputs" / "upsampler" / "runs" / "run"
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["val/psnr"] > 0 and metrics["train/nonfinite_steps"] == 0

@@ -1,4 +1,5 @@
-"""Two CPU processes (gloo) compute the same contrastive loss and gradients as one process on the global batch."""
+"""Two CPU processes (gloo) compute the same contrastive loss (CLIP's and SigLIP's) and gradients as one process
+on the global batch."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 from omegaconf import OmegaConf
 from torch.utils.data import Dataset
@@ -48,18 +50,18 @@ class Record(L.Callback):
         grads = {
             n: p.grad.flatten()[:64].tolist()
             for n, p in pl_module.named_parameters()
-            if n.endswith(("visual_projection.weight", "text_projection.weight"))
+            if n.endswith(("visual_projection.weight", "text_projection.weight", "logit_scale", "loss.bias"))
         }
         Path(self.out, f"rank{trainer.global_rank}.json").write_text(
             json.dumps({"loss": trainer.callback_metrics["train/loss"].item(), "grads": grads})
         )
 
 
-def make(tmp_path):
+def make(tmp_path, loss):
     cfg = OmegaConf.to_container(compose_config(["scheduler=constant", "optim.lr=0"], tmp_path), resolve=True)
     tokenizer = train_bpe(CAPTIONS * 4, vocab_size=300, context_length=24)
     torch.manual_seed(0)
-    module = ClipModule(cfg["model"]["clip"], cfg["optim"], None, tokenizer)
+    module = ClipModule(cfg["model"]["clip"], cfg["optim"], None, tokenizer, loss=loss)
     torch.manual_seed(1)
     tokens = tokenizer(CAPTIONS, padding="max_length", max_length=24, return_tensors="pt")
     batch = {
@@ -70,8 +72,9 @@ def make(tmp_path):
     return module, batch
 
 
-def test_two_process_ddp_matches_one_process(tmp_path):
-    module, batch = make(tmp_path)
+@pytest.mark.parametrize("loss_name", ["infonce", "sigmoid"])
+def test_two_process_ddp_matches_one_process(tmp_path, loss_name):
+    module, batch = make(tmp_path, loss_name)
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2,
@@ -88,12 +91,13 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     trainer.fit(module, train_dataloaders=loader)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 
-    single, _ = make(tmp_path)
+    single, _ = make(tmp_path, loss_name)
     loss, _, _ = single._loss(batch, gather=None)
     loss.backward()
     ddp_loss = (ranks[0]["loss"] + ranks[1]["loss"]) / 2  # each rank: its rows against all columns
     assert abs(ddp_loss - loss.item()) < 1e-5, (ddp_loss, loss.item())
     assert ranks[0]["loss"] != ranks[1]["loss"]  # the ranks really held different halves
+    assert len(ranks[0]["grads"]) == (4 if loss_name == "sigmoid" else 3)  # projections, logit scale (and bias)
     for name, param in single.named_parameters():
         if name in ranks[0]["grads"]:
             expected = param.grad.flatten()[:64]

@@ -144,6 +144,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule.tokenizer = tokenizer
     module = instantiate(cfg.stage.module, tokenizer=tokenizer, _convert_="all")
     check_output_dir(output_dir, checkpoint_bytes(module))
+    if cfg.get("gradient_checkpointing"):  # before compiling, so that the graphs recompute too
+        module.enable_gradient_checkpointing()
+        log.info("gradient checkpointing: %s", ", ".join(module.checkpointed_networks))
     if compile_with is not None:
         module.compile_networks(**compile_with)
         log.info("torch.compile %s with %s", ", ".join(module.compiled_networks), compile_with or "its defaults")

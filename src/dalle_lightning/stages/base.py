@@ -14,6 +14,7 @@ import torch
 from hydra.utils import instantiate
 
 from dalle_lightning.data.decode import SKIP_REASONS
+from dalle_lightning.errors import UserError
 
 
 def warmup_cosine(
@@ -61,6 +62,8 @@ class StageModule(L.LightningModule):
     frozen_prefixes: tuple[str, ...] = ()
     # The networks a step spends its time in (dotted submodule paths), for `compile_networks`.
     compiled_networks: tuple[str, ...] = ()
+    # The transformers / diffusers models whose activations `gradient_checkpointing=true` recomputes.
+    checkpointed_networks: tuple[str, ...] = ()
 
     def __init__(self, optim: Mapping[str, Any], scheduler: Mapping[str, Any] | None = None):
         super().__init__()
@@ -74,6 +77,22 @@ class StageModule(L.LightningModule):
         them checkpoints, EMA weights and exports, stay those of the eager modules. `options` go to torch.compile."""
         for name in self.compiled_networks:
             self.get_submodule(name).compile(**options)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the networks' activations in the backward pass instead of keeping them (less memory, a
+        slower step), with the libraries' own switches."""
+        if not self.checkpointed_networks:
+            raise UserError(
+                f"gradient_checkpointing=true: {type(self).__name__}'s networks do not support it; set it to false"
+            )
+        for name in self.checkpointed_networks:
+            network = self.get_submodule(name)
+            enable = (
+                getattr(network, "activation_checkpointing_enable", None)  # transformers 5
+                or getattr(network, "gradient_checkpointing_enable", None)  # transformers 4
+                or network.enable_gradient_checkpointing  # diffusers
+            )
+            enable()
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Weight decay on matrices only, not on biases, norms, embeddings' scales or temperatures."""

@@ -12,11 +12,22 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from dalle_lightning.errors import UserError
 from dalle_lightning.metrics.retrieval import RetrievalMetrics
 from dalle_lightning.models.clip import build_clip, encode_images, encode_texts
 from dalle_lightning.stages.base import StageModule
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
+
+
+def gathered(x: torch.Tensor, gather: Gather | None, rank: int) -> tuple[torch.Tensor, int]:
+    """Every rank's `x` stacked along the batch (gradients flow back to each rank), and the row of this rank's
+    first sample in it; on one process (or with no `gather`), `x` itself and 0."""
+    if gather is not None:
+        every = gather(x)
+        if every.ndim > x.ndim:  # (world, B, ...): more than one process
+            return every.flatten(0, 1), rank * x.shape[0]
+    return x, 0
 
 
 class ContrastiveLoss(nn.Module):
@@ -35,16 +46,45 @@ class ContrastiveLoss(nn.Module):
         gather: Gather | None = None,
         rank: int = 0,
     ) -> torch.Tensor:
-        all_image, all_text, offset = image, text, 0
-        if gather is not None:
-            gathered_image, gathered_text = gather(image), gather(text)
-            if gathered_image.ndim > image.ndim:  # (world, B, D): more than one process
-                all_image, all_text = gathered_image.flatten(0, 1), gathered_text.flatten(0, 1)
-                offset = rank * image.shape[0]
+        all_image, offset = gathered(image, gather, rank)
+        all_text, _ = gathered(text, gather, rank)
         labels = torch.arange(image.shape[0], device=image.device) + offset
         logits_per_image = logit_scale * image @ all_text.T
         logits_per_text = logit_scale * text @ all_image.T
         return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+class SigmoidLoss(nn.Module):
+    """SigLIP's loss: every image-text pair is a binary match / no-match decision, `sigmoid(scale * cos + bias)`,
+    with a learnable bias that starts low (most pairs are negatives). The sum over pairs is divided by the
+    batch size, as in the paper.
+
+    Each rank scores its images against every rank's texts, which covers each pair once, so the mean over
+    ranks is again the loss of one process on the global batch (see `ContrastiveLoss` for `gather`).
+    """
+
+    def __init__(self, bias_init: float = -10.0):
+        super().__init__()
+        self.bias = nn.Parameter(torch.tensor(float(bias_init)))
+
+    def forward(
+        self,
+        image: torch.Tensor,
+        text: torch.Tensor,
+        logit_scale: torch.Tensor,
+        gather: Gather | None = None,
+        rank: int = 0,
+    ) -> torch.Tensor:
+        all_text, offset = gathered(text, gather, rank)
+        logits = logit_scale * image @ all_text.T + self.bias
+        rows = torch.arange(image.shape[0], device=image.device)
+        signs = torch.full_like(logits, -1.0)
+        signs[rows, rows + offset] = 1.0
+        return -F.logsigmoid(signs * logits).sum() / image.shape[0]
+
+
+# stage.loss: the name a user writes → the loss module.
+CLIP_LOSSES: dict[str, type[nn.Module]] = {"infonce": ContrastiveLoss, "sigmoid": SigmoidLoss}
 
 
 class ClipModule(StageModule):
@@ -53,6 +93,7 @@ class ClipModule(StageModule):
 
     # get_image_features / get_text_features call the two towers, never CLIPModel.__call__.
     compiled_networks = ("model.vision_model", "model.text_model")
+    checkpointed_networks = ("model",)
 
     def __init__(
         self,
@@ -61,13 +102,16 @@ class ClipModule(StageModule):
         scheduler: Mapping[str, Any] | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
         max_temperature_scale: float = 100.0,
+        loss: str = "infonce",
     ):
         super().__init__(optim, scheduler)
         self.save_hyperparameters(ignore=["tokenizer"])
+        if loss not in CLIP_LOSSES:
+            raise UserError(f"stage.loss='{loss}' is unknown: use {' or '.join(CLIP_LOSSES)}")
         self.tokenizer = tokenizer
         self.model = build_clip(model, tokenizer)
         self.max_log_scale = math.log(max_temperature_scale)
-        self.loss = ContrastiveLoss()
+        self.loss = CLIP_LOSSES[loss]()
         self.val_retrieval = RetrievalMetrics()
 
     def forward(
@@ -84,6 +128,8 @@ class ClipModule(StageModule):
         loss, _, _ = self._loss(batch, lambda x: self.all_gather(x, sync_grads=True))
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/logit_scale", self.model.logit_scale.detach().exp())
+        if isinstance(self.loss, SigmoidLoss):
+            self.log("train/logit_bias", self.loss.bias.detach())
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:

@@ -40,6 +40,7 @@ class ImageDiffusionModule(StageModule):
 
     frozen_prefixes = ("clip.", "image_metrics.")
     compiled_networks = ("unet",)
+    checkpointed_networks = ("unet",)
     stage_name = ""  # the config group its model preset is in: model.<stage_name>
 
     def __init__(
