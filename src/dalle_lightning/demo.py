@@ -10,7 +10,6 @@ and written to `outputs/demo/report.json`, one section per stage, so machines ca
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import platform
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 
 from dalle_lightning.data import shapes
+from dalle_lightning.visualize import plot_training_curves, read_csv_log
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "outputs" / "demo"
@@ -35,6 +35,14 @@ SHAPES_ARGS = dict(num_train=20_000, num_val=1000, size=64, seed=0, samples_per_
 # The chain evaluation: the first 128 val captions (about half held-out), one image each, with fewer sampling
 # steps than training's previews (DPM-Solver++ needs few) to stay inside the demo's time.
 CHAIN_ARGS = ["num_samples=128", "decoder.steps=10", "upsampler.steps=6"]
+
+# training_curves.png: each stage's losses, and below them its headline metric (solid) beside its reference.
+CURVES = {
+    "clip": ["val/t2i_r1_heldout", "val/t2i_r1_seen"],
+    "prior": ["val/cos_sampled_heldout", "val/cos_text_baseline_heldout"],
+    "decoder": ["val/clip_score", "val/clip_score_real"],
+    "upsampler": ["val/psnr", "val/psnr_bicubic"],
+}
 
 # Lightning's CSV logger beside wandb: the demo reads each metric's first value from it.
 CSV_LOGGER = [
@@ -63,10 +71,14 @@ def train_stage(stage: str, extra: list[str] = ()) -> tuple[dict[str, float], fl
     return json.loads((run_dir / "metrics.json").read_text()), seconds, run_dir
 
 
+def csv_log(run_dir: Path) -> Path:
+    return run_dir / "csv" / "version_0" / "metrics.csv"
+
+
 def first_values(run_dir: Path, names: list[str]) -> dict[str, float]:
     """The first logged value of each metric (from the CSV log), to show how far training moved it."""
-    rows = list(csv.DictReader((run_dir / "csv" / "version_0" / "metrics.csv").open()))
-    return {name: next(float(row[name]) for row in rows if row.get(name)) for name in names}
+    series = read_csv_log(csv_log(run_dir))
+    return {name: series[name][0][1] for name in names}
 
 
 def last_grid(run_dir: Path) -> str:
@@ -275,6 +287,10 @@ def main() -> None:
 
     chain, times["chain_s"], chain_run = evaluate_chain()
 
+    curves = OUT / "training_curves.png"
+    runs = {"clip": clip_run, "prior": prior_run, "decoder": decoder_run, "upsampler": upsampler_run}
+    plot_training_curves({stage: csv_log(run) for stage, run in runs.items()}, CURVES, curves)
+
     times["total_s"] = time.perf_counter() - total_start + times["install_s"]
     wandb_runs = sorted(str(p) for p in (OUT / "runs").glob("*/wandb/offline-run-*"))
     report = {
@@ -288,6 +304,7 @@ def main() -> None:
         "paths": {
             "report": str(OUT / "report.json"),
             "clip_retrieval_grid": str(grid),
+            "training_curves": str(curves),
             "clip_export": str(OUT / "export" / "clip"),
             "clip_run": str(clip_run),
             "prior_export": str(OUT / "export" / "prior"),

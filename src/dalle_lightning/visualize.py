@@ -1,9 +1,11 @@
-"""Pictures of results: grids of images with captions, as PNG and for wandb."""
+"""Pictures of results: grids of images with captions (PNG and for wandb), and training curves."""
 
 from __future__ import annotations
 
+import csv
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,3 +35,52 @@ def captioned_grid(rows: Sequence[tuple[str, Sequence]], cell: int = 96, caption
             tile = to_pil(image).resize((cell, cell), Image.NEAREST)
             grid.paste(tile, (caption_width + c * (cell + 4), top))
     return grid
+
+
+def read_csv_log(path: Path) -> dict[str, list[tuple[int, float]]]:
+    """Lightning's `CSVLogger` file (`metrics.csv`) as {metric: [(step, value), ...]}, empty cells left out."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            step = int(float(row["step"]))
+            for name, value in row.items():
+                if name not in ("step", "epoch") and value not in ("", None):
+                    series.setdefault(name, []).append((step, float(value)))
+    return series
+
+
+def plot_training_curves(runs: Mapping[str, Path], metrics: Mapping[str, Sequence[str]], path: Path) -> None:
+    """One column per run (its CSV log): training and validation loss over the steps on top, the run's named
+    validation metrics below (the first solid, the others, references such as a baseline, dashed). Saved as PNG."""
+    from matplotlib.figure import Figure  # the object API: no pyplot, no global backend
+
+    figure = Figure(figsize=(3.6 * len(runs), 5.6), layout="constrained")
+    axes = figure.subplots(2, len(runs), squeeze=False)
+    for column, (name, csv_path) in enumerate(runs.items()):
+        series = read_csv_log(csv_path)
+        top, bottom = axes[0][column], axes[1][column]
+        top.set_title(name)
+        for loss, style in (("train/loss", dict(alpha=0.35)), ("train/loss (mean of 10)", {}), ("val/loss", {})):
+            points = series.get(loss.split(" ")[0], [])
+            if loss.endswith("(mean of 10)"):
+                points = _running_mean(points, 10)
+            if points:
+                top.plot(*zip(*points), label=loss, marker="o" if loss == "val/loss" else None, **style)
+        top.set_yscale("log")
+        top.legend(fontsize="small")
+        for i, metric in enumerate(metrics.get(name, ())):
+            points = series.get(metric, [])
+            if points:
+                bottom.plot(*zip(*points), label=metric, marker="o", linestyle="-" if i == 0 else "--")
+            else:
+                bottom.plot([], [], label=f"{metric} (not logged)")
+        bottom.set_xlabel("step")
+        bottom.legend(fontsize="small")
+    figure.savefig(path, dpi=100)
+
+
+def _running_mean(points: list[tuple[int, float]], window: int) -> list[tuple[int, float]]:
+    values = [v for _, v in points]
+    return [
+        (step, sum(values[max(0, i - window + 1) : i + 1]) / min(i + 1, window)) for i, (step, _) in enumerate(points)
+    ]
