@@ -162,3 +162,30 @@ def test_shape_probe_reports_seen_and_heldout_accuracy(tiny_clip_export, shapes_
         assert counts["seen"] > 0 and counts["heldout"] > 0
         for scores in (data[name], data[name]["colour_removed"]):
             assert 0.0 <= scores["seen"] <= 1.0 and 0.0 <= scores["heldout"] <= 1.0
+
+
+ERRORS = Path(__file__).resolve().parents[1] / "benchmarks" / "retrieval_errors.py"
+
+
+def test_retrieval_errors_reads_relations_in_canonical_order():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("retrieval_errors", ERRORS)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    objects = [{"colour": "red", "shape": "circle"}, {"colour": "blue", "shape": "star"}]
+    right_of = {"objects": objects, "relation": {"subject": 0, "relation": "right of", "object": 1}}
+    below = {"objects": objects, "relation": {"subject": 1, "relation": "below", "object": 0}}
+    assert module.arrangement(right_of) == ("left of", ("blue", "star"), ("red", "circle"))
+    assert module.arrangement(below) == ("above", ("red", "circle"), ("blue", "star"))
+
+
+def test_retrieval_errors_reports_r1_per_kind_and_relation_errors(tiny_clip_export, shapes_root, tmp_path):
+    done = _run(ERRORS, ["--clip-export", str(tiny_clip_export), "--data", str(shapes_root)], tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads(done.stdout)
+    assert sum(data["queries"].values()) == 256  # every val caption of the small build queries once
+    assert {key.rsplit("_", 1)[0] for key in data["r1"]} == {"single", "count", "relation"}
+    assert all(0 <= value <= 1 for value in data["r1"].values())
+    wrong = data["wrong_relation_top1"]
+    assert wrong["count"] > 0 and all(0 <= wrong[k] <= 1 for k in ("other_axis", "colours_swapped", "other_shapes"))

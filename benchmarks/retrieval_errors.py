@@ -1,0 +1,98 @@
+#!/usr/bin/env python3
+"""Where a CLIP export's text→image retrieval fails on the Shapes val split, by scene kind.
+
+Every val caption queries the whole val gallery (as the CLIP stage's validation does); a hit is a top image of
+the query's scene group. Reported:
+
+  1. R@1 per scene kind (single, count, relation), seen and held-out queries apart;
+  2. for relation queries whose top image is another relation scene: the fraction whose top image has the two
+     objects on the other axis (beside instead of above, or the reverse), the two colours swapped, and other
+     shapes than the query's (each object read in the canonical "left of" / "above" order).
+
+Prints one JSON object. Example: python benchmarks/retrieval_errors.py --clip-export outputs/demo/export/clip
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dalle_lightning.data.datamodule import ShapesDataModule
+from dalle_lightning.data.shapes import canonical_relation
+from dalle_lightning.demo import SHAPES_DIR
+from dalle_lightning.export import load_clip_export
+from dalle_lightning.models.clip import encode_images, encode_texts
+
+
+def arrangement(meta: dict[str, Any]) -> tuple[str, tuple[str, str], tuple[str, str]]:
+    """(axis, first object, second object) of a relation scene, objects as (colour, shape) in canonical order."""
+    objects, relation = meta["objects"], meta["relation"]
+    first, axis, second = canonical_relation(
+        objects[relation["subject"]], relation["relation"], objects[relation["object"]]
+    )
+    return axis, (first["colour"], first["shape"]), (second["colour"], second["shape"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clip-export", type=Path, required=True)
+    parser.add_argument("--data", type=Path, default=SHAPES_DIR, help="the Shapes shards (the demo's by default)")
+    args = parser.parse_args()
+
+    model, tokenizer = load_clip_export(args.clip_export)
+    manifest = json.loads((args.data / "manifest.json").read_text())
+    datamodule = ShapesDataModule(
+        str(args.data),
+        num_train=manifest["num_train"],
+        num_val=manifest["num_val"],
+        samples_per_shard=manifest["samples_per_shard"],
+        image_size=model.config.vision_config.image_size,
+        batch_size=250,
+        num_workers=0,
+        val_samples=manifest["num_val"],
+        tokenizer=tokenizer,
+    )
+    datamodule.setup("validate")
+    batches = [datamodule.on_after_batch_transfer(b, 0) for b in datamodule.val_dataloader()]
+    meta = [m for b in batches for m in b["meta"]]
+    groups = torch.cat([b["group_id"] for b in batches])
+    with torch.no_grad():
+        images = torch.cat([encode_images(model, b["image"]) for b in batches])
+        texts = torch.cat([encode_texts(model, b["input_ids"], b["attention_mask"]) for b in batches])
+    top = (texts @ images.T).argmax(1)
+    hits = groups[top] == groups
+
+    by_kind: dict[str, list[bool]] = defaultdict(list)
+    wrong = defaultdict(int)
+    for query, scene in enumerate(meta):
+        by_kind[f"{scene['kind']}_{'heldout' if scene['heldout'] else 'seen'}"].append(bool(hits[query]))
+        found = meta[top[query]]
+        if scene["kind"] != "relation" or hits[query] or found["kind"] != "relation":
+            continue
+        (axis, a, b), (found_axis, found_a, found_b) = arrangement(scene), arrangement(found)
+        wrong["count"] += 1
+        wrong["other_axis"] += axis != found_axis
+        wrong["colours_swapped"] += (a[0], b[0]) == (found_b[0], found_a[0]) != (found_a[0], found_b[0])
+        wrong["other_shapes"] += {a[1], b[1]} != {found_a[1], found_b[1]}
+    result = {
+        "clip_export": str(args.clip_export),
+        "r1": {key: round(sum(v) / len(v), 4) for key, v in sorted(by_kind.items())},
+        "queries": {key: len(v) for key, v in sorted(by_kind.items())},
+        "wrong_relation_top1": {
+            "count": wrong["count"],
+            **{
+                key: round(wrong[key] / max(wrong["count"], 1), 4)
+                for key in ("other_axis", "colours_swapped", "other_shapes")
+            },
+        },
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
