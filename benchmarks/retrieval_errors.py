@@ -20,13 +20,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from dalle_lightning.data.datamodule import ShapesDataModule
 from dalle_lightning.data.shapes import canonical_relation
-from dalle_lightning.demo import SHAPES_DIR
-from dalle_lightning.export import load_clip_export
-from dalle_lightning.models.clip import encode_images, encode_texts
+from dalle_lightning.demo import SHAPES_DIR, embed_shapes_val
 
 
 def arrangement(meta: dict[str, Any]) -> tuple[str, tuple[str, str], tuple[str, str]]:
@@ -44,27 +39,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=SHAPES_DIR, help="the Shapes shards (the demo's by default)")
     args = parser.parse_args()
 
-    model, tokenizer = load_clip_export(args.clip_export)
-    manifest = json.loads((args.data / "manifest.json").read_text())
-    datamodule = ShapesDataModule(
-        str(args.data),
-        num_train=manifest["num_train"],
-        num_val=manifest["num_val"],
-        samples_per_shard=manifest["samples_per_shard"],
-        image_size=model.config.vision_config.image_size,
-        batch_size=250,
-        num_workers=0,
-        val_samples=manifest["num_val"],
-        tokenizer=tokenizer,
-    )
-    datamodule.setup("validate")
-    batches = [datamodule.on_after_batch_transfer(b, 0) for b in datamodule.val_dataloader()]
-    meta = [m for b in batches for m in b["meta"]]
-    groups = torch.cat([b["group_id"] for b in batches])
-    with torch.no_grad():
-        images = torch.cat([encode_images(model, b["image"]) for b in batches])
-        texts = torch.cat([encode_texts(model, b["input_ids"], b["attention_mask"]) for b in batches])
-    top = (texts @ images.T).argmax(1)
+    val = embed_shapes_val(args.clip_export, args.data)
+    meta, groups = val["meta"], val["group_id"]
+    top = (val["text_emb"] @ val["image_emb"].T).argmax(1)
     hits = groups[top] == groups
 
     by_kind: dict[str, list[bool]] = defaultdict(list)

@@ -86,38 +86,49 @@ def last_grid(run_dir: Path) -> str:
     return str(grids[-1]) if grids else ""
 
 
-def evaluate_clip(export: Path, grid_path: Path, rows: int = 8, top: int = 5) -> dict[str, float]:
-    """Held-out text→image R@1 by scene kind (single / count / relation; gallery: the whole val set), and a
-    picture: held-out captions, each with the val images the trained CLIP ranks highest for it."""
+def embed_shapes_val(export: Path, data_dir: Path = SHAPES_DIR) -> dict[str, Any]:
+    """The Shapes val split (of the build at `data_dir`) through a CLIP export: the batches' tensors
+    concatenated, their captions and metadata, and the image and text embeddings (`image_emb`, `text_emb`)."""
     from dalle_lightning.data.datamodule import ShapesDataModule
     from dalle_lightning.export import load_clip_export
-    from dalle_lightning.metrics.retrieval import RetrievalMetrics
     from dalle_lightning.models.clip import encode_images, encode_texts
-    from dalle_lightning.visualize import captioned_grid
 
     model, tokenizer = load_clip_export(export)
+    manifest = json.loads((data_dir / "manifest.json").read_text())
     dm = ShapesDataModule(
-        str(SHAPES_DIR),
-        num_train=SHAPES_ARGS["num_train"],
-        num_val=SHAPES_ARGS["num_val"],
-        samples_per_shard=SHAPES_ARGS["samples_per_shard"],
+        str(data_dir),
+        num_train=manifest["num_train"],
+        num_val=manifest["num_val"],
+        samples_per_shard=manifest["samples_per_shard"],
         image_size=model.config.vision_config.image_size,
         batch_size=250,
         num_workers=0,
-        val_samples=SHAPES_ARGS["num_val"],
+        val_samples=manifest["num_val"],
         tokenizer=tokenizer,
     )
     dm.setup("validate")
     batches = [dm.on_after_batch_transfer(b, 0) for b in dm.val_dataloader()]
-    cat = {
+    val: dict[str, Any] = {
         k: torch.cat([b[k] for b in batches])
         for k in ("image", "input_ids", "attention_mask", "group_id", "caption_id", "heldout")
     }
-    captions = [c for b in batches for c in b["caption"]]
-    kinds = [m.get("kind", "") for b in batches for m in b["meta"]]
+    val["caption"] = [c for b in batches for c in b["caption"]]
+    val["meta"] = [m for b in batches for m in b["meta"]]
     with torch.no_grad():
-        images = torch.cat([encode_images(model, x) for x in cat["image"].split(250)])
-        texts = encode_texts(model, cat["input_ids"], cat["attention_mask"])
+        val["image_emb"] = torch.cat([encode_images(model, x) for x in val["image"].split(250)])
+        val["text_emb"] = encode_texts(model, val["input_ids"], val["attention_mask"])
+    return val
+
+
+def evaluate_clip(export: Path, grid_path: Path, rows: int = 8, top: int = 5) -> dict[str, float]:
+    """Held-out text→image R@1 by scene kind (single / count / relation; gallery: the whole val set), and a
+    picture: held-out captions, each with the val images the trained CLIP ranks highest for it."""
+    from dalle_lightning.metrics.retrieval import RetrievalMetrics
+    from dalle_lightning.visualize import captioned_grid
+
+    cat = embed_shapes_val(export)
+    captions, images, texts = cat["caption"], cat["image_emb"], cat["text_emb"]
+    kinds = [m.get("kind", "") for m in cat["meta"]]
     # Queries of each kind against the whole val gallery.
     metric = RetrievalMetrics()
     scores: dict[str, float] = {}
