@@ -7,7 +7,12 @@ the query's scene group. Reported:
   1. R@1 per scene kind (single, count, relation), seen and held-out queries apart;
   2. for relation queries whose top image is another relation scene: the fraction whose top image has the two
      objects on the other axis (beside instead of above, or the reverse), the two colours swapped, and other
-     shapes than the query's (each object read in the canonical "left of" / "above" order).
+     shapes than the query's (each object read in the canonical "left of" / "above" order);
+  3. how far the text embedding moves when one thing in a relation caption changes: the mean cosine between
+     "a <colour> <shape> <relation> a <colour> <shape>" for each val relation scene and the same caption with
+     the relation said the other way round (the same scene), on the other axis, with the colours swapped, or
+     with the first object's shape or colour changed. A caption whose embedding barely moves for a change cannot
+     retrieve the image that change makes.
 
 Prints one JSON object. Example: python benchmarks/retrieval_errors.py --clip-export outputs/demo/export/clip
 """
@@ -20,8 +25,16 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from dalle_lightning.data.shapes import canonical_relation
+import torch
+
+from dalle_lightning.data.shapes import COLOURS, SHAPES, canonical_relation
 from dalle_lightning.demo import SHAPES_DIR, embed_shapes_val
+from dalle_lightning.export import load_clip_export
+from dalle_lightning.models.clip import encode_texts
+from dalle_lightning.models.tokenizer import tokenize_prompts
+
+OTHER_AXIS = {"left of": "above", "above": "left of"}
+INVERSE = {"left of": "right of", "above": "below"}
 
 
 def arrangement(meta: dict[str, Any]) -> tuple[str, tuple[str, str], tuple[str, str]]:
@@ -31,6 +44,39 @@ def arrangement(meta: dict[str, Any]) -> tuple[str, tuple[str, str], tuple[str, 
         objects[relation["subject"]], relation["relation"], objects[relation["object"]]
     )
     return axis, (first["colour"], first["shape"]), (second["colour"], second["shape"])
+
+
+def caption_variants(axis: str, a: tuple[str, str], b: tuple[str, str]) -> dict[str, str]:
+    """A plain caption of the arrangement, and the same with one thing changed."""
+
+    def say(first: tuple[str, str], relation: str, second: tuple[str, str]) -> str:
+        return f"a {first[0]} {first[1]} {relation} a {second[0]} {second[1]}"
+
+    other_shape = next(shape for shape in SHAPES if shape not in (a[1], b[1]))
+    other_colour = next(colour for colour in COLOURS if colour not in (a[0], b[0]))
+    return {
+        "caption": say(a, axis, b),
+        "same_scene_said_inversely": say(b, INVERSE[axis], a),
+        "other_axis": say(a, OTHER_AXIS[axis], b),
+        "colours_swapped": say((b[0], a[1]), axis, (a[0], b[1])),
+        "first_shape_changed": say((a[0], other_shape), axis, b),
+        "first_colour_changed": say((other_colour, a[1]), axis, b),
+    }
+
+
+def caption_sensitivity(export: Path, arrangements: list[tuple[str, tuple[str, str], tuple[str, str]]]) -> dict:
+    """Mean cosine between each plain caption's text embedding and each variant's."""
+    model, tokenizer = load_clip_export(export)
+    variants = [caption_variants(*arrangement) for arrangement in arrangements]
+    with torch.no_grad():
+        embedded = {
+            name: encode_texts(model, *tokenize_prompts(tokenizer, [v[name] for v in variants])) for name in variants[0]
+        }
+    return {
+        name: round((embedded["caption"] * embedding).sum(-1).mean().item(), 4)
+        for name, embedding in embedded.items()
+        if name != "caption"
+    }
 
 
 def main() -> None:
@@ -67,6 +113,9 @@ def main() -> None:
                 for key in ("other_axis", "colours_swapped", "other_shapes")
             },
         },
+        "caption_cosine_to_variant": caption_sensitivity(
+            args.clip_export, [arrangement(scene) for scene in meta if scene["kind"] == "relation"]
+        ),
     }
     print(json.dumps(result, indent=2))
 

@@ -80,10 +80,11 @@ def test_sampler_quality_reports_fd_per_configuration(tiny_exports, shapes_root,
 PROBE = Path(__file__).resolve().parents[1] / "benchmarks" / "shape_probe.py"
 
 
-def _shape_probe_module():
+def _load_script(path: Path):
+    """A benchmark script as a module, for its functions."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("shape_probe", PROBE)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -109,7 +110,7 @@ def test_shape_probe_tells_factorised_features_from_pair_detectors():
 
     from dalle_lightning.data.shapes import COLOURS, SHAPES
 
-    probe = _shape_probe_module().probe
+    probe = _load_script(PROBE).probe
     colour, shape, heldout = _colour_shape_table()
     factorised = torch.cat([one_hot(colour, len(COLOURS)), one_hot(shape, len(SHAPES))], 1).float()
     pair_units = torch.eye(len(shape))  # one unit per colour-shape pair
@@ -133,7 +134,7 @@ def test_shape_probe_without_colour_sees_through_the_colour_veto():
 
     from dalle_lightning.data.shapes import COLOURS, SHAPES
 
-    module = _shape_probe_module()
+    module = _load_script(PROBE)
     colour, shape, heldout = _colour_shape_table()
     generator = torch.Generator().manual_seed(0)
     features = torch.cat([5 * one_hot(colour, len(COLOURS)), 0.3 * one_hot(shape, len(SHAPES))], 1).float()
@@ -168,11 +169,7 @@ ERRORS = Path(__file__).resolve().parents[1] / "benchmarks" / "retrieval_errors.
 
 
 def test_retrieval_errors_reads_relations_in_canonical_order():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("retrieval_errors", ERRORS)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load_script(ERRORS)
     objects = [{"colour": "red", "shape": "circle"}, {"colour": "blue", "shape": "star"}]
     right_of = {"objects": objects, "relation": {"subject": 0, "relation": "right of", "object": 1}}
     below = {"objects": objects, "relation": {"subject": 1, "relation": "below", "object": 0}}
@@ -189,3 +186,22 @@ def test_retrieval_errors_reports_r1_per_kind_and_relation_errors(tiny_clip_expo
     assert all(0 <= value <= 1 for value in data["r1"].values())
     wrong = data["wrong_relation_top1"]
     assert wrong["count"] > 0 and all(0 <= wrong[k] <= 1 for k in ("other_axis", "colours_swapped", "other_shapes"))
+    cosines = data["caption_cosine_to_variant"]
+    assert set(cosines) == {
+        "same_scene_said_inversely",
+        "other_axis",
+        "colours_swapped",
+        "first_shape_changed",
+        "first_colour_changed",
+    }
+    assert all(-1 <= value < 1 for value in cosines.values())  # every variant is another caption
+
+
+def test_caption_variants_change_one_thing():
+    variants = _load_script(ERRORS).caption_variants("above", ("red", "circle"), ("blue", "star"))
+    assert variants["caption"] == "a red circle above a blue star"
+    assert variants["same_scene_said_inversely"] == "a blue star below a red circle"
+    assert variants["other_axis"] == "a red circle left of a blue star"
+    assert variants["colours_swapped"] == "a blue circle above a red star"
+    assert variants["first_shape_changed"] == "a red square above a blue star"
+    assert variants["first_colour_changed"] == "a yellow circle above a blue star"
