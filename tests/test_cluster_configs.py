@@ -90,6 +90,11 @@ def _fake_allocation(monkeypatch, nodes: int, tasks_per_node: int, procid: int) 
     for name in ("MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.setenv(name, "")
         monkeypatch.delenv(name)
+    # A Trainer built here sets the process-wide rank_zero_only.rank to the fake task's rank (3): restore it, or
+    # every later logger call in this pytest worker is dropped as not rank zero.
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    monkeypatch.setattr(rank_zero_only, "rank", rank_zero_only.rank)
 
 
 def test_trainer_slurm_matches_the_allocation_it_runs_in(tmp_path, outside_slurm, monkeypatch):

@@ -81,6 +81,10 @@ def _one_error_line(result) -> str:
         (["ckpt_path=/nowhere/last.ckpt", NO_DATA], "ckpt_path='/nowhere/last.ckpt' does not exist"),
         (["ckpt_path=last", "paths.log_dir=/nowhere", NO_DATA], "ckpt_path=last: no last.ckpt under /nowhere/clip"),
         (["data.image_size=4", NO_DATA], "data.image_size=4 is too small"),
+        (
+            ["trainer=fsdp", "gradient_checkpointing=true", NO_DATA],
+            "gradient_checkpointing=true and trainer.strategy.activation_checkpointing_policy would both recompute",
+        ),
     ],
 )
 def test_user_mistakes_are_one_line_errors(overrides, expected, tmp_path):

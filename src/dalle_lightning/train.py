@@ -128,6 +128,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the stage; write the export and `metrics.json`; return the final metrics."""
     stage = cfg.stage.name
     compile_with = compile_options(cfg.get("compile"))
+    if cfg.get("gradient_checkpointing") and OmegaConf.select(cfg, "trainer.strategy.activation_checkpointing_policy"):
+        raise UserError(
+            "gradient_checkpointing=true and trainer.strategy.activation_checkpointing_policy would both recompute "
+            "activations: set trainer.strategy.activation_checkpointing_policy=null or gradient_checkpointing=false"
+        )
     L.seed_everything(cfg.seed, workers=True)
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
