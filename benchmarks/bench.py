@@ -311,7 +311,6 @@ class SavedForBackward(torch.autograd.graph.saved_tensors_hooks):
 
     def __init__(self):
         self.storages: dict[tuple[torch.device, int], int] = {}
-        self.parameters: set[int] = set()
         super().__init__(self._pack, lambda tensor: tensor)
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:

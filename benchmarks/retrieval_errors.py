@@ -64,9 +64,10 @@ def caption_variants(axis: str, a: tuple[str, str], b: tuple[str, str]) -> dict[
     }
 
 
-def caption_sensitivity(export: Path, arrangements: list[tuple[str, tuple[str, str], tuple[str, str]]]) -> dict:
+def caption_sensitivity(
+    model: Any, tokenizer: Any, arrangements: list[tuple[str, tuple[str, str], tuple[str, str]]]
+) -> dict[str, float]:
     """Mean cosine between each plain caption's text embedding and each variant's."""
-    model, tokenizer = load_clip_export(export)
     variants = [caption_variants(*arrangement) for arrangement in arrangements]
     with torch.no_grad():
         embedded = {
@@ -85,7 +86,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=SHAPES_DIR, help="the Shapes shards (the demo's by default)")
     args = parser.parse_args()
 
-    val = embed_shapes_val(args.clip_export, args.data)
+    model, tokenizer = load_clip_export(args.clip_export)
+    val = embed_shapes_val(model, tokenizer, args.data)
     meta, groups = val["meta"], val["group_id"]
     top = (val["text_emb"] @ val["image_emb"].T).argmax(1)
     hits = groups[top] == groups
@@ -114,7 +116,7 @@ def main() -> None:
             },
         },
         "caption_cosine_to_variant": caption_sensitivity(
-            args.clip_export, [arrangement(scene) for scene in meta if scene["kind"] == "relation"]
+            model, tokenizer, [arrangement(scene) for scene in meta if scene["kind"] == "relation"]
         ),
     }
     print(json.dumps(result, indent=2))

@@ -86,14 +86,13 @@ def last_grid(run_dir: Path) -> str:
     return str(grids[-1]) if grids else ""
 
 
-def embed_shapes_val(export: Path, data_dir: Path = SHAPES_DIR) -> dict[str, Any]:
-    """The Shapes val split (of the build at `data_dir`) through a CLIP export: the batches' tensors
-    concatenated, their captions and metadata, and the image and text embeddings (`image_emb`, `text_emb`)."""
+def embed_shapes_val(model: Any, tokenizer: Any, data_dir: Path = SHAPES_DIR) -> dict[str, Any]:
+    """The Shapes val split (of the build at `data_dir`) through a CLIP (`load_clip_export`'s model and
+    tokenizer): the batches' tensors concatenated, their captions and metadata, and the image and text
+    embeddings (`image_emb`, `text_emb`)."""
     from dalle_lightning.data.datamodule import ShapesDataModule
-    from dalle_lightning.export import load_clip_export
     from dalle_lightning.models.clip import encode_images, encode_texts
 
-    model, tokenizer = load_clip_export(export)
     manifest = json.loads((data_dir / "manifest.json").read_text())
     dm = ShapesDataModule(
         str(data_dir),
@@ -123,10 +122,11 @@ def embed_shapes_val(export: Path, data_dir: Path = SHAPES_DIR) -> dict[str, Any
 def evaluate_clip(export: Path, grid_path: Path, rows: int = 8, top: int = 5) -> dict[str, float]:
     """Held-out text→image R@1 by scene kind (single / count / relation; gallery: the whole val set), and a
     picture: held-out captions, each with the val images the trained CLIP ranks highest for it."""
+    from dalle_lightning.export import load_clip_export
     from dalle_lightning.metrics.retrieval import RetrievalMetrics
     from dalle_lightning.visualize import captioned_grid
 
-    cat = embed_shapes_val(export)
+    cat = embed_shapes_val(*load_clip_export(export))
     captions, images, texts = cat["caption"], cat["image_emb"], cat["text_emb"]
     kinds = [m.get("kind", "") for m in cat["meta"]]
     # Queries of each kind against the whole val gallery.

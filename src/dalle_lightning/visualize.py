@@ -60,12 +60,12 @@ def plot_training_curves(runs: Mapping[str, Path], metrics: Mapping[str, Sequenc
         series = read_csv_log(csv_path)
         top, bottom = axes[0][column], axes[1][column]
         top.set_title(name)
-        for loss, style in (("train/loss", dict(alpha=0.35)), ("train/loss (mean of 10)", {}), ("val/loss", {})):
-            points = series.get(loss.split(" ")[0], [])
-            if loss.endswith("(mean of 10)"):
-                points = _running_mean(points, 10)
-            if points:
-                top.plot(*zip(*points), label=loss, marker="o" if loss == "val/loss" else None, **style)
+        train, val = series.get("train/loss", []), series.get("val/loss", [])
+        if train:
+            top.plot(*zip(*train), label="train/loss", alpha=0.35)
+            top.plot(*zip(*_running_mean(train, 10)), label="train/loss (mean of 10)")
+        if val:
+            top.plot(*zip(*val), label="val/loss", marker="o")
         top.set_yscale("log")
         top.legend(fontsize="small")
         for i, metric in enumerate(metrics.get(name, ())):
