@@ -21,8 +21,9 @@ def val_batch(shapes_root, trained_clip_export):
 
 @pytest.fixture(scope="module")
 def trained_clip_export(shapes_root, tmp_path_factory):
-    """The tiny CLIP trained for 150 steps on the small Shapes set: enough for matching image and caption
-    embeddings to align (after 60 steps all cosines are still near 0)."""
+    """The tiny CLIP trained for 60 steps of 64 at lr 2e-3 on the small Shapes set (16 s): matching pairs score
+    ~62 against ~23 shuffled, noise's distance ~50x that of two halves of the real set. (150 steps of 128 at
+    1e-3 gave 77 / 35 and ~90x in 81 s; at 1e-3 the cosines are all still near 0 after 60 steps.)"""
     from omegaconf import OmegaConf
 
     from conftest import compose_config
@@ -30,8 +31,8 @@ def trained_clip_export(shapes_root, tmp_path_factory):
     from dalle_lightning.stages.clip import ClipModule
 
     tmp = tmp_path_factory.mktemp("trained_clip")
-    cfg = OmegaConf.to_container(compose_config(["optim.lr=1e-3", "scheduler.warmup_steps=20"], tmp), resolve=True)
-    dm = small_shapes(shapes_root, image_size=32, batch_size=128, samples_per_epoch=128 * 150, num_workers=1)
+    cfg = OmegaConf.to_container(compose_config(["optim.lr=2e-3", "scheduler.warmup_steps=10"], tmp), resolve=True)
+    dm = small_shapes(shapes_root, image_size=32, batch_size=64, samples_per_epoch=64 * 60, num_workers=1)
     tokenizer = train_bpe(dm.captions(1200), vocab_size=400, context_length=24)
     dm.tokenizer = tokenizer
     L.seed_everything(0)
