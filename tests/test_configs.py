@@ -92,6 +92,38 @@ def test_user_mistakes_are_one_line_errors(overrides, expected, tmp_path):
     assert expected in _one_error_line(result)
 
 
+def test_config_mistakes_are_found_before_torch_is_imported(tmp_path):
+    """train() checks what the config alone shows before importing Lightning and torch (~10 s on 2 cores)."""
+    import subprocess
+    import sys
+
+    from conftest import CONF
+
+    script = f"""
+import sys
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+import dalle_lightning.resolvers
+from dalle_lightning.errors import UserError
+from dalle_lightning.train import train
+with initialize_config_dir(config_dir={str(CONF)!r}, version_base="1.3"):
+    for overrides in (["stage=decoder", "stage.clip_export=/nowhere/clip"], ["data=webdataset"], ["ckpt_path=/x.ckpt"]):
+        cfg = compose("train", overrides=[*overrides, "paths.output_dir={tmp_path}"], return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        try:
+            train(cfg)
+        except UserError as err:
+            print("error:", err)
+print("imported:", sorted(name for name in ("lightning", "torch") if name in sys.modules))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    errors = lines_starting(result.stdout)
+    assert len(errors) == 3 and "is not a clip export" in errors[0], result.stdout
+    assert "'data.train_shards'" in errors[1] and "ckpt_path='/x.ckpt' does not exist" in errors[2], result.stdout
+    assert result.stdout.splitlines()[-1] == "imported: []", result.stdout
+
+
 def test_unknown_stage_names_the_choices(tmp_path):
     result = run_train(["stage=clipp"], tmp_path)
     assert result.returncode != 0

@@ -23,8 +23,7 @@ def report_user_errors() -> Iterator[None]:
     try:
         yield
     except MissingMandatoryValue as err:
-        key = getattr(err, "full_key", "") or str(err)
-        _exit(f"missing required config value '{key}': set it on the command line ({key}=...)")
+        _exit(missing_value_message(getattr(err, "full_key", "") or str(err)))
     except Exception as err:
         # hydra.utils.instantiate wraps what a constructor raises: look through the causes.
         cause: BaseException | None = err
@@ -33,6 +32,11 @@ def report_user_errors() -> Iterator[None]:
         if cause is None:
             raise
         _exit(one_line(cause))
+
+
+def missing_value_message(key: str) -> str:
+    """The error for a required config value (`???`) left unset."""
+    return f"missing required config value '{key}': set it on the command line ({key}=...)"
 
 
 def one_line(err: UserError) -> str:

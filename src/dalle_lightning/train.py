@@ -10,16 +10,16 @@ import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import lightning as L
-import torch
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from dalle_lightning.callbacks import ExportCallback, Preempted, PreemptionCheckpoint
-from dalle_lightning.errors import UserError
+from dalle_lightning.errors import UserError, missing_value_message
+from dalle_lightning.export import read_manifest
+
+if TYPE_CHECKING:
+    import lightning as L
 
 log = logging.getLogger(__name__)
 
@@ -124,21 +124,49 @@ def _instantiate_all(group: DictConfig | None) -> list[Any]:
     return [instantiate(node) for node in (group or {}).values() if node is not None and "_target_" in node]
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit the stage; write the export and `metrics.json`; return the final metrics."""
-    stage = cfg.stage.name
-    compile_with = compile_options(cfg.get("compile"))
+def check_config(cfg: DictConfig) -> None:
+    """The mistakes a config shows by itself: a required value left unset, a stage export or shard pattern that
+    is not there, options that contradict each other. `train` checks these before it imports Lightning and
+    torch (~10 s on 2 cores), so that they are reported at once."""
+    # Only where the configs leave values unset: walking the whole config would resolve every interpolation,
+    # trainer.precision's `${dl.auto_precision:}` among them, which imports torch.
+    missing = sorted(key for group in ("data", "stage") for key in OmegaConf.missing_keys(cfg[group]))
+    if missing:
+        raise UserError(missing_value_message(missing[0]))
+    compile_options(cfg.get("compile"))
     if cfg.get("gradient_checkpointing") and OmegaConf.select(cfg, "trainer.strategy.activation_checkpointing_policy"):
         raise UserError(
             "gradient_checkpointing=true and trainer.strategy.activation_checkpointing_policy would both recompute "
             "activations: set trainer.strategy.activation_checkpointing_policy=null or gradient_checkpointing=false"
         )
+    if cfg.stage.get("clip_export"):
+        read_manifest(cfg.stage.clip_export, "clip", "stage.clip_export")
+    shard_options = [key for key in ("train_shards", "val_shards") if cfg.data.get(key)]
+    if shard_options:
+        from dalle_lightning.data.shards import expand_shards  # torch and webdataset: ~3 s, a third of Lightning
+
+        for key in shard_options:
+            expand_shards(cfg.data[key], f"data.{key}")
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit the stage; write the export and `metrics.json`; return the final metrics."""
+    stage = cfg.stage.name
+    check_config(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), Path(cfg.paths.log_dir) / stage)
+
+    import lightning as L
+    import torch
+    from lightning.pytorch.loggers import WandbLogger
+
+    from dalle_lightning.callbacks import ExportCallback, Preempted, PreemptionCheckpoint
+
+    compile_with = compile_options(cfg.get("compile"))
     L.seed_everything(cfg.seed, workers=True)
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    output_dir = Path(cfg.paths.output_dir)
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), Path(cfg.paths.log_dir) / stage)
     ckpt_dir = output_dir / "checkpoints"
     if ckpt_path is not None and (ckpt_path.parent / "tokenizer").is_dir() and not (ckpt_dir / "tokenizer").exists():
         shutil.copytree(ckpt_path.parent / "tokenizer", ckpt_dir / "tokenizer")
