@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from dalle_lightning.errors import UserError, missing_value_message
-from dalle_lightning.export import read_manifest
+from dalle_lightning.export import check_export_target, read_manifest
 
 if TYPE_CHECKING:
     import lightning as L
@@ -126,8 +126,8 @@ def _instantiate_all(group: DictConfig | None) -> list[Any]:
 
 def check_config(cfg: DictConfig) -> None:
     """The mistakes a config shows by itself: a required value left unset, a stage export or shard pattern that
-    is not there, options that contradict each other. `train` checks these before it imports Lightning and
-    torch (~10 s on 2 cores), so that they are reported at once."""
+    is not there, an export that would replace something else, options that contradict each other. `train`
+    checks these before it imports Lightning and torch (~10 s on 2 cores), so that they are reported at once."""
     # Only where the configs leave values unset: walking the whole config would resolve every interpolation,
     # trainer.precision's `${dl.auto_precision:}` among them, which imports torch.
     missing = sorted(key for group in ("data", "stage") for key in OmegaConf.missing_keys(cfg[group]))
@@ -141,6 +141,8 @@ def check_config(cfg: DictConfig) -> None:
         )
     if cfg.stage.get("clip_export"):
         read_manifest(cfg.stage.clip_export, "clip", "stage.clip_export")
+    if export_to := OmegaConf.select(cfg, "callbacks.export.dirpath"):
+        check_export_target(export_to, cfg.stage.name)  # ExportCallback checks again for runs built without train()
     shard_options = [key for key in ("train_shards", "val_shards") if cfg.data.get(key)]
     if shard_options:
         from dalle_lightning.data.shards import expand_shards  # torch and webdataset: ~3 s, a third of Lightning
