@@ -63,10 +63,16 @@ def test_sample_inpaint_keeps_pixels_outside_the_box(tiny_exports, tmp_path):
 
 
 def test_sample_cli_error_is_one_line(tiny_exports, tmp_path):
-    result = run_script("sample.py", ["mode=paint", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    run_dir = f"hydra.run.dir={tmp_path / 'run'}"
+    result = run_script("sample.py", ["mode=paint", *stack(tiny_exports), run_dir], tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: mode='paint' is unknown: use one of text, ")
     assert "Traceback" not in result.stderr
+    # No exports where the config looks (nothing trained yet): said first, before the imports.
+    result = run_script("sample.py", ["prompts=[a red circle]", run_dir], tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: exports.clip='{tmp_path}/export/clip' is not a clip export"), last
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ import json
 import os
 import secrets
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,14 @@ def read_manifest(path: str | Path, stage: str, option: str) -> dict[str, Any]:
         found = info.get("stage")
         raise UserError(f"{option}='{path}' is {_article(found)} {found} export, not {_article(stage)} {stage} export")
     return info
+
+
+def check_exports(exports: Mapping[str, str | Path | None], option_prefix: str = "") -> None:
+    """Each export given (stage name → folder, None: not used) is one of its stage: found before anything is
+    loaded (and, from sample.py and evaluate.py, before the ~10 s of imports); errors name `<option_prefix><stage>`."""
+    for stage, path in exports.items():
+        if path is not None:
+            read_manifest(path, stage, f"{option_prefix}{stage}")
 
 
 def load_stage_export(path: str | Path, stage: str, clip_export: str | Path | None = None, option: str | None = None):

@@ -27,7 +27,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from dalle_lightning.errors import UserError
-from dalle_lightning.export import load_clip_export, load_stage_export
+from dalle_lightning.export import check_exports, load_clip_export, load_stage_export
 from dalle_lightning.models.clip import encode_images, encode_texts
 from dalle_lightning.models.tokenizer import tokenize_prompts
 from dalle_lightning.visualize import captioned_grid, to_pil
@@ -140,6 +140,7 @@ class UnCLIPPipeline:
     ) -> UnCLIPPipeline:
         """Load the stages from their export folders (`export/<stage>` after `train.py stage=<stage>`); errors
         name the argument as `<option_prefix><stage>` (e.g. the config key `exports.prior`)."""
+        check_exports({"clip": clip, "prior": prior, "decoder": decoder, "upsampler": upsampler}, option_prefix)
         clip_model, tokenizer = load_clip_export(clip, f"{option_prefix}clip")
         stages = {
             name: load_stage_export(path, name, clip_export=clip, option=f"{option_prefix}{name}")
