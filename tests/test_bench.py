@@ -77,6 +77,35 @@ def test_sampler_quality_reports_fd_per_configuration(tiny_exports, shapes_root,
     assert math.isfinite(data["real"]["clip_score"])
 
 
+ORACLE = Path(__file__).resolve().parents[1] / "benchmarks" / "decoder_oracle.py"
+
+
+def test_decoder_oracle_scores_real_reconstructed_and_text_images(tiny_exports, shapes_root, tmp_path):
+    """benchmarks/decoder_oracle.py on the random tiny exports: the oracle reads the real val images right and the
+    random decoder's noise wrong, per split and for single objects; the grid has one row per caption, three images."""
+    from PIL import Image
+
+    out, grid = tmp_path / "oracle.json", tmp_path / "grid.png"
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    for stage in ("clip", "prior", "decoder"):
+        (exports / stage).symlink_to(tiny_exports[stage])
+    args = ["--exports", str(exports), "--data-root", str(shapes_root), "--num-samples", "16", "--batch-size", "8"]
+    args += ["--threads", "1", "--grid", str(grid), "--grid-rows", "4", "--json", str(out)]
+    done = _run(ORACLE, args, tmp_path, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    data = json.loads(done.stdout)
+    assert data == json.loads(out.read_text())
+    assert data["image_size"] == 32 and data["num_samples"] == 16
+    real, reconstruction = data["real"], data["reconstruction"]
+    assert real["seen"]["n"] + real["heldout"]["n"] == 16
+    for split in ("seen", "heldout"):
+        assert real[split]["colour"] == 1.0 and real[split]["count"] == 1.0
+    assert set(data["from_text"]) == set(real) and "single_heldout" in reconstruction
+    assert reconstruction["seen"]["count"] < 0.5  # noise is not one or two clean objects
+    assert Image.open(grid).size == (200 + 3 * 68, 4 * 68)
+
+
 PROBE = Path(__file__).resolve().parents[1] / "benchmarks" / "shape_probe.py"
 
 

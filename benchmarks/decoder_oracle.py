@@ -1,0 +1,112 @@
+#!/usr/bin/env python3
+"""What the decoder draws, read back by the compositional oracle (issues #5 and #6), without the upsampler.
+
+The decoder's FD and CLIP score say how close its images are on the whole; the oracle (`metrics/compositional.py`)
+says which part of a scene it gets wrong. For the first N Shapes validation images this script scores three sets
+of images at the decoder's size with the oracle against their captions:
+
+  - `real`: the validation images themselves (the oracle's own accuracy at this size),
+  - `reconstruction`: the decoder from the CLIP image embeddings of those images (what #5's grid shows),
+  - `from_text`: the decoder from the prior's image embeddings for their captions (the chain without upsampler),
+
+each per category (colour, shape, count, relation, all) for seen and held-out combinations, the single-object
+prompts apart, and writes a grid: per caption its val image, the reconstruction and the image from the caption.
+Prints one JSON object on stdout (`--json PATH` also writes it).
+
+Examples:
+  python benchmarks/decoder_oracle.py                                    # the demo's exports, N=256 (~1 min)
+  python benchmarks/decoder_oracle.py --decoder /tmp/run/export/decoder --grid /tmp/run/oracle.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch
+from sampler_quality import load_validation
+
+ROOT = Path(__file__).resolve().parents[1]
+SETS = ("real", "reconstruction", "from_text")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--exports", default=str(ROOT / "outputs/demo/export"), help="folder with clip/, prior/, decoder/")
+    p.add_argument("--decoder", default=None, help="another decoder export (trained on the same CLIP)")
+    p.add_argument("--data-root", default=str(ROOT / "data/shapes"), help="a Shapes build (its val/ shards)")
+    p.add_argument("--num-samples", type=int, default=256, help="validation images (N)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    p.add_argument("--grid", default=None, help="grid PNG (default: oracle_grid.png beside the decoder export)")
+    p.add_argument("--grid-rows", type=int, default=12)
+    p.add_argument("--json", default=None, help="also write the JSON here")
+    return p.parse_args(argv)
+
+
+def summary(result: dict[str, Any]) -> dict[str, Any]:
+    """The oracle's nested result, trimmed to what tells the sets apart."""
+    single = result["by_kind"]["single"]
+    return {
+        "seen": result["seen"],
+        "heldout": result["heldout"],
+        "single_seen": single["seen"],
+        "single_heldout": single["heldout"],
+        "single_heldout_colour_shape": result["single_heldout_colour_shape"],
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    for name in ("transformers", "diffusers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+    from dalle_lightning.metrics.compositional import CompositionalAccuracy
+    from dalle_lightning.pipeline import UnCLIPPipeline
+    from dalle_lightning.visualize import captioned_grid
+
+    exports = Path(args.exports)
+    decoder_export = Path(args.decoder) if args.decoder else exports / "decoder"
+    pipe = UnCLIPPipeline.from_exports(
+        clip=exports / "clip", prior=exports / "prior", decoder=decoder_export, option_prefix="--"
+    )
+    size, bs = pipe.decoder.image_size, args.batch_size
+    data = load_validation(Path(args.data_root), size, args.num_samples, bs, pipe.tokenizer)
+    captions = data["caption"]
+    generator = pipe.generator(args.seed)
+    images: dict[str, list[torch.Tensor]] = {"real": [data["image"]], "reconstruction": [], "from_text": []}
+    for start in range(0, len(captions), bs):
+        part = captions[start : start + bs]
+        real = data["image"][start : start + bs].to(pipe.device)
+        images["reconstruction"].append(pipe.decode(pipe.image_embeddings(real), part, generator).cpu())
+        images["from_text"].append(pipe.decode(pipe.prior_embeddings(part, generator), part, generator).cpu())
+    out: dict[str, Any] = {"decoder": str(decoder_export), "image_size": size, "num_samples": len(captions)}
+    for name in SETS:
+        oracle = CompositionalAccuracy()
+        oracle.update(torch.cat(images[name]), captions)
+        out[name] = summary(oracle.compute())
+
+    stacked = [torch.cat(images[name]) for name in SETS]
+    rows = [(captions[i], [s[i] for s in stacked]) for i in range(min(args.grid_rows, len(captions)))]
+    grid_path = Path(args.grid) if args.grid else decoder_export.parent / "oracle_grid.png"
+    captioned_grid(rows, cell=64).save(grid_path)
+    out["grid"] = f"{grid_path} (columns: {', '.join(SETS)})"
+    text = json.dumps(out, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    return out
+
+
+if __name__ == "__main__":
+    main()
