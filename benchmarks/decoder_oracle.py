@@ -71,15 +71,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in ("transformers", "diffusers"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
+    from dalle_lightning.export import check_exports
     from dalle_lightning.metrics.compositional import CompositionalAccuracy
     from dalle_lightning.pipeline import UnCLIPPipeline
     from dalle_lightning.visualize import captioned_grid
 
     exports = Path(args.exports)
-    decoder_export = Path(args.decoder) if args.decoder else exports / "decoder"
-    pipe = UnCLIPPipeline.from_exports(
-        clip=exports / "clip", prior=exports / "prior", decoder=decoder_export, option_prefix="--"
-    )
+    found = {stage: exports / stage for stage in ("clip", "prior", "decoder")}
+    # Errors name the flag the user gave: --exports/<stage>, or --decoder for another decoder.
+    check_exports({k: v for k, v in found.items() if not (k == "decoder" and args.decoder)}, "--exports/")
+    if args.decoder:
+        found["decoder"] = Path(args.decoder)
+        check_exports({"decoder": found["decoder"]}, "--")
+    decoder_export = found["decoder"]
+    pipe = UnCLIPPipeline.from_exports(**found)
     size, bs = pipe.decoder.image_size, args.batch_size
     data = load_validation(Path(args.data_root), size, args.num_samples, bs, pipe.tokenizer)
     captions = data["caption"]
