@@ -57,6 +57,8 @@ os.environ.setdefault("WANDB_SILENT", "true")
 import numpy as np
 import torch
 
+from dalle_lightning.errors import report_user_errors
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 DEFAULT_PEER_SCRIPT = ROOT.parent / "shared" / "bench" / "peer_dalle2.py"
@@ -1016,4 +1018,5 @@ def print_table(results: list[dict], ratio_rows: list[dict], peer: dict | None, 
 
 
 if __name__ == "__main__":
-    main()
+    with report_user_errors():
+        main()

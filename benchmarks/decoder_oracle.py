@@ -32,6 +32,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 from sampler_quality import load_validation
 
+from dalle_lightning.errors import report_user_errors
+
 ROOT = Path(__file__).resolve().parents[1]
 SETS = ("real", "reconstruction", "from_text")
 
@@ -114,4 +116,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    with report_user_errors():
+        main()

@@ -29,6 +29,7 @@ import torch
 
 from dalle_lightning.data.shapes import COLOURS, SHAPES, canonical_relation
 from dalle_lightning.demo import SHAPES_DIR, embed_shapes_val
+from dalle_lightning.errors import report_user_errors
 from dalle_lightning.export import load_clip_export
 from dalle_lightning.models.clip import encode_texts
 from dalle_lightning.models.tokenizer import tokenize_prompts
@@ -86,7 +87,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=SHAPES_DIR, help="the Shapes shards (the demo's by default)")
     args = parser.parse_args()
 
-    model, tokenizer = load_clip_export(args.clip_export)
+    model, tokenizer = load_clip_export(args.clip_export, "--clip-export")
     val = embed_shapes_val(model, tokenizer, args.data)
     meta, groups = val["meta"], val["group_id"]
     top = (val["text_emb"] @ val["image_emb"].T).argmax(1)
@@ -123,4 +124,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with report_user_errors():
+        main()

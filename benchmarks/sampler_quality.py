@@ -48,6 +48,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 from tqdm.auto import tqdm
 
+from dalle_lightning.errors import report_user_errors
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS = "dpmsolver++:8,dpmsolver++:10,dpmsolver++:12,dpmsolver++:16,ddim:8,ddim:10,ddim:12,ddim:16"
 
@@ -312,4 +314,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    with report_user_errors():
+        main()

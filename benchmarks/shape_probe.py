@@ -36,6 +36,7 @@ import webdataset as wds
 from dalle_lightning.data.decode import decode_caption, decode_image, decode_json
 from dalle_lightning.data.shapes import COLOURS, SHAPES
 from dalle_lightning.data.shards import expand_shards
+from dalle_lightning.errors import report_user_errors
 from dalle_lightning.export import load_clip_export
 from dalle_lightning.models.clip import encode_images, encode_texts
 from dalle_lightning.models.tokenizer import tokenize_prompts
@@ -106,7 +107,7 @@ def main() -> None:
     parser.add_argument("--num-val", type=int, default=1000)
     args = parser.parse_args()
 
-    model, tokenizer = load_clip_export(args.clip_export)
+    model, tokenizer = load_clip_export(args.clip_export, "--clip-export")
     size = model.config.vision_config.image_size
     data = Path(args.data)
     train = read_scenes(str(data / "train" / "*.tar"), args.num_train, size)
@@ -136,4 +137,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with report_user_errors():
+        main()
