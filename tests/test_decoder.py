@@ -78,6 +78,26 @@ def test_upsampler_loss_falls_on_a_fixed_batch(tmp_path, tiny_clip_export, batch
     assert losses[-1] < 0.6 * losses[0], losses[::8]
 
 
+@pytest.mark.parametrize("rms", [None, 2.0])
+def test_image_embedding_enters_the_timestep_embedding_at_the_configured_rms(tmp_path, tiny_clip_export, batch32, rms):
+    """The L2-normalised embedding is scaled to `class_embedding_rms` per entry before the UNet projects it into
+    the timestep embedding (unscaled: 1/sqrt(D)); the context tokens and a dropped embedding are unaffected."""
+    setting = "null" if rms is None else rms
+    module = make_decoder(tmp_path, tiny_clip_export, [f"model.decoder.class_embedding_rms={setting}"])
+    embeds = module.image_embedding(batch32)
+    drop = torch.zeros(embeds.shape[0], dtype=torch.bool)
+    drop[0] = True
+    condition = module.condition(embeds, drop_image=drop)
+    per_entry = condition["class_labels"].pow(2).mean(-1).sqrt()
+    expected = module.embedding_dim**-0.5 if rms is None else rms
+    assert per_entry[0] == 0
+    assert torch.allclose(per_entry[1:], torch.full_like(per_entry[1:], expected), rtol=1e-4)
+    unscaled = make_decoder(tmp_path, tiny_clip_export, ["model.decoder.class_embedding_rms=null"])
+    unscaled.context.load_state_dict(module.context.state_dict())
+    context = unscaled.condition(embeds, drop_image=drop)["encoder_hidden_states"]
+    assert torch.equal(condition["encoder_hidden_states"], context)
+
+
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_decoder_samples_have_the_right_shape_and_range(tmp_path, tiny_clip_export, batch32, sampler):
     module = make_decoder(tmp_path, tiny_clip_export, ["model.decoder.text_tokens=true"]).eval()

@@ -95,6 +95,10 @@ class DecoderModule(ImageDiffusionModule):
             projection_class_embeddings_input_dim=self.embedding_dim,
             **model["unet"],
         )
+        # An L2-normalised embedding has entries of RMS 1/sqrt(D): added unscaled to the timestep embedding,
+        # it starts an order of magnitude weaker than the timestep and Adam takes most of a short run to grow it.
+        rms = model.get("class_embedding_rms")
+        self.class_scale = 1.0 if rms is None else float(rms) * self.embedding_dim**0.5
         self.image_drop_prob = float(model.get("image_drop_prob", 0.1))
         self.text_drop_prob = float(model.get("text_drop_prob", 0.5))
 
@@ -141,7 +145,7 @@ class DecoderModule(ImageDiffusionModule):
             if drop_text is not None:
                 text_mask = text_mask & ~drop_text[:, None]
         context, mask = self.context(image_embeds, text, text_mask)
-        condition = {"class_labels": image_embeds, "encoder_hidden_states": context}
+        condition = {"class_labels": image_embeds * self.class_scale, "encoder_hidden_states": context}
         if mask is not None:
             condition["encoder_attention_mask"] = mask
         return condition
