@@ -96,6 +96,26 @@ def test_image_embedding_enters_the_timestep_embedding_at_the_configured_rms(tmp
     assert torch.equal(condition["encoder_hidden_states"], context)
 
 
+def test_a_text_reading_decoder_without_captions_is_conditioned_as_with_its_text_dropped(
+    tmp_path, tiny_clip_export, batch32
+):
+    """Variations and interpolations have no caption: a decoder that reads text then gets its learned null text
+    (the image tokens alone), and still samples; training without captions is a one-line error."""
+    module = make_decoder(tmp_path, tiny_clip_export, ["model.decoder.text_tokens=true"]).eval()
+    part = {k: v[:3] for k, v in batch32.items() if torch.is_tensor(v)}
+    embeds, ids = module.image_embedding(part), part["input_ids"]
+    x, t = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.full((3,), 500)
+    with torch.no_grad():
+        without = module.denoise(x, t, module.condition(embeds))
+        dropped = module.denoise(x, t, module.condition(embeds, ids, drop_text=torch.ones(3, dtype=torch.bool)))
+        with_text = module.denoise(x, t, module.condition(embeds, ids))
+    assert torch.allclose(without, dropped, atol=1e-5)
+    assert not torch.allclose(without, with_text, atol=1e-3)  # the text does reach the UNet
+    assert module.generate(embeds, steps=2).shape == (3, 3, 32, 32)
+    with pytest.raises(UserError, match="text_tokens=true needs captions"):
+        module.diffusion_inputs({"image": part["image"]}, train=True)
+
+
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_decoder_samples_have_the_right_shape_and_range(tmp_path, tiny_clip_export, batch32, sampler):
     module = make_decoder(tmp_path, tiny_clip_export, ["model.decoder.text_tokens=true"]).eval()

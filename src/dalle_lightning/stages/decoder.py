@@ -134,13 +134,13 @@ class DecoderModule(ImageDiffusionModule):
         drop_text: torch.Tensor | None = None,
     ) -> Condition:
         """The UNet's conditioning for image embeddings (and token ids); `drop_*` (B,) bool zero the image
-        embedding or mask out the text of those samples (classifier-free guidance's null condition)."""
+        embedding or mask out the text of those samples (classifier-free guidance's null condition). A decoder
+        that reads text given no `input_ids` (variations, interpolations: there is no caption) gets the image
+        tokens alone, which is the condition it learned under text dropout: masked tokens add nothing."""
         if drop_image is not None:
             image_embeds = image_embeds.masked_fill(drop_image[:, None], 0.0)
         text, text_mask = None, None
-        if self.text_tokens:
-            if input_ids is None:
-                raise UserError("model.decoder.text_tokens=true needs captions: give the stage a tokenizer")
+        if self.text_tokens and input_ids is not None:
             text, text_mask = text_token_encodings(self.clip.text_model, input_ids.long())
             if drop_text is not None:
                 text_mask = text_mask & ~drop_text[:, None]
@@ -153,6 +153,8 @@ class DecoderModule(ImageDiffusionModule):
     def diffusion_inputs(
         self, batch: Mapping[str, Any], train: bool, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, Condition]:
+        if self.text_tokens and batch.get("input_ids") is None:
+            raise UserError("model.decoder.text_tokens=true needs captions: give the stage a tokenizer")
         image = self.target_images(batch)
         embeds = self.image_embedding(batch)
         drop_image = drop_text = None
