@@ -200,6 +200,22 @@ def test_text_diff(pipe, generated):
     assert not torch.equal(out.images[0], out.images[1])
 
 
+def test_every_mode_runs_with_a_prior_and_decoder_that_read_the_caption(tiny_clip_export, tmp_path_factory):
+    """The base presets condition the prior and decoder on the caption's tokens as well: modes without a
+    caption (variations, interpolation, text diffs) decode on the learned null text instead of failing."""
+    tmp = tmp_path_factory.mktemp("text_exports")
+    exports = {"clip": tiny_clip_export}
+    for stage in ("prior", "decoder"):
+        exports[stage] = write_stage_export(stage, tiny_clip_export, tmp, [f"model.{stage}.text_tokens=true"])
+    pipe = UnCLIPPipeline.from_exports(**exports, device="cpu", **FAST)
+    made = pipe(PROMPTS, seed=0, progress=False)
+    assert_images(made.images, 2, 32)
+    assert_images(pipe.variations(made.images[:1], num_variations=2).images, 2, 32)
+    assert_images(pipe.interpolate("a red circle", made.images[1], steps=3).images, 3, 32)
+    assert_images(pipe.text_diff(made.images[0], "a red circle", "a blue circle", amounts=(0.0, 1.0)).images, 2, 32)
+    assert_images(pipe.inpaint(made.images[:1], centre_mask(32, 8, 24), prompts=["a red star"]).images, 1, 32)
+
+
 # --- inpainting ----------------------------------------------------------------------------------------------------
 
 
