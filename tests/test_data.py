@@ -216,6 +216,34 @@ def test_bad_samples_and_shards_are_skipped_and_counted_with_no_side_effect(tmp_
     assert all(b["image"].dtype == torch.uint8 and b["image"].shape[1:] == (3, 32, 32) for b in batches)
 
 
+def test_a_training_stream_that_can_use_nothing_stops_with_one_line_saying_why(tmp_path):
+    """A resampled stream never ends: data that cannot feed the stage at all (every image smaller than it,
+    every shard unreadable) must stop the run with the reason and the fix, not skip forever."""
+    small = {}
+    for i in range(8):
+        small.update({f"s{i}.jpg": jpeg_bytes(size=(16, 16)), f"s{i}.txt": b"a small red circle"})
+    write_tar(tmp_path / "small.tar", small)
+    decoder = SampleDecoder(image_size=64, min_image_size=32, max_skipped_in_a_row=20)
+    stream = TrainStream([str(tmp_path / "small.tar")], decoder, 4, batches_per_worker=2, shuffle_buffer=4, seed=0)
+    with pytest.raises(UserError, match=r"last 20 samples were all skipped \(too_small: 20\)") as err:
+        next(iter(stream))
+    assert "smaller than 32 px (data.min_image_size" in str(err.value) and "\n" not in str(err.value)
+
+    (tmp_path / "garbage.tar").write_bytes(b"not a tar" * 100)
+    decoder = SampleDecoder(image_size=32, min_image_size=16, max_failed_shards=3)
+    stream = TrainStream([str(tmp_path / "garbage.tar")], decoder, 4, batches_per_worker=2, shuffle_buffer=4, seed=0)
+    with pytest.raises(UserError, match="3 shards in a row could not be read"):
+        next(iter(stream))
+
+    # Usable samples between the skipped ones reset the count: a mixed stream trains.
+    mixed = {**small, **good("a"), **good("b")}
+    write_tar(tmp_path / "mixed.tar", mixed)
+    decoder = SampleDecoder(image_size=32, min_image_size=24, max_skipped_in_a_row=9)
+    stream = TrainStream([str(tmp_path / "mixed.tar")], decoder, 2, batches_per_worker=3, shuffle_buffer=1, seed=0)
+    batches = list(stream)
+    assert len(batches) == 3 and sum(b["skipped"].get("too_small", 0) for b in batches) >= 8
+
+
 def test_eval_pipeline_splits_samples_across_ranks(tmp_path, monkeypatch):
     write_tar(tmp_path / "one.tar", {k: v for i in range(10) for k, v in good(f"k{i:02d}").items()})
     seen = []

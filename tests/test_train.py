@@ -50,6 +50,16 @@ def test_export_dir_over_the_runs_folder_is_refused_before_training(tmp_path, sh
     assert (run / ".hydra" / "config.yaml").is_file() and not (run / "checkpoints" / "last.ckpt").exists()
 
 
+def test_data_that_cannot_feed_the_stage_stops_the_run_in_one_line(tmp_path, shapes_root):
+    """Shapes are 64 px: with data.min_image_size=128 every sample is too small, in the loader's worker."""
+    args = [*_common(tmp_path, shapes_root), "data.min_image_size=128", "data.num_workers=1", "logger=csv"]
+    result = run_train(args, tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = lines_starting(result.stderr)
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "samples were all skipped (too_small: 5000)" in errors[0] and "smaller than 128 px" in errors[0]
+
+
 def test_an_export_replaces_an_export_but_not_other_files(tmp_path):
     from dalle_lightning.errors import UserError
     from dalle_lightning.export import write_export

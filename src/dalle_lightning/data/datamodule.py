@@ -71,6 +71,7 @@ class ShardDataModule(L.LightningDataModule):
         tokenizer: Callable | None = None,
         context_length: int | None = None,
         max_failed_shards: int = 20,
+        max_skipped_in_a_row: int = 5000,
     ):
         super().__init__()
         if image_size is not None and image_size < 8:
@@ -91,6 +92,7 @@ class ShardDataModule(L.LightningDataModule):
         self.tokenizer = tokenizer  # may be set later, before the loaders are made
         self.context_length = context_length
         self.max_failed_shards = max_failed_shards
+        self.max_skipped_in_a_row = max_skipped_in_a_row
         self.image_size = image_size
         self.min_image_size = min_image_size or (image_size // 2 if image_size else 1)
         self.npy_fields = tuple(npy_fields)
@@ -139,6 +141,7 @@ class ShardDataModule(L.LightningDataModule):
             self.seed,
             self.max_failed_shards,
             count_bad_shards,
+            self.max_skipped_in_a_row,
         )
 
     def _loader_options(self, num_workers: int) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import zlib
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -97,6 +98,7 @@ class SampleDecoder:
         seed: int = 0,
         max_failed_shards: int = 20,
         count_bad_shards: bool = True,
+        max_skipped_in_a_row: int = 5000,
     ):
         self.image_size = image_size
         self.min_image_size = min_image_size
@@ -114,6 +116,11 @@ class SampleDecoder:
         # Validation reads every shard on every rank: only one rank counts unreadable ones, so the summed
         # data/skipped/bad_shard is the number of bad shards, not that times the world size.
         self.count_bad_shards = count_bad_shards
+        # Samples skipped since the last usable one, by reason: thousands in a row mean the data does not fit the
+        # stage at all (images smaller than its size, no embeddings in the shards), and the resampled training
+        # stream would skip forever without yielding a batch.
+        self.max_skipped_in_a_row = max_skipped_in_a_row
+        self.skipped_in_a_row: Counter[str] = Counter()
         # Random crops draw from this; the training stream reseeds it per (seed, epoch, rank, worker).
         self.rng: random.Random | None = None
 
@@ -173,9 +180,30 @@ class SampleDecoder:
                 decoded = self.decode(sample)
             except SkipSample as skip:
                 self.counter.add(skip.reason)
+                self.skipped_in_a_row[skip.reason] += 1
+                if self.skipped_in_a_row.total() >= self.max_skipped_in_a_row:
+                    raise UserError(self.nothing_usable()) from None
                 continue
             self.failed_shards = 0  # the source works: failures so far were bad shards, not a bad source
+            self.skipped_in_a_row.clear()
             yield decoded
+
+    def nothing_usable(self) -> str:
+        rank, world_size, worker, _ = pytorch_worker_info()
+        reasons = ", ".join(f"{reason}: {count}" for reason, count in self.skipped_in_a_row.most_common())
+        if self.skipped_in_a_row.most_common(1)[0][0] == "too_small":
+            fix = (
+                f"the images are smaller than {self.min_image_size} px (data.min_image_size; by default half the "
+                f"stage's image size, {self.image_size} px): train at a size the data has, or use larger images"
+            )
+        elif "npy" in self.skipped_in_a_row.most_common(1)[0][0]:
+            fix = f"the shards lack readable {', '.join(self.npy_fields)} members: point the stage at embed.py's shards"
+        else:
+            fix = "check data.train_shards and data.val_shards hold img2dataset samples (an image and a .txt caption)"
+        return (
+            f"rank {rank} of {world_size} (loader worker {worker}): the last {self.skipped_in_a_row.total()} samples "
+            f"were all skipped ({reasons}); {fix}"
+        )
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         captions = [s["caption"] for s in samples]
