@@ -78,6 +78,35 @@ def test_upsampler_loss_falls_on_a_fixed_batch(tmp_path, tiny_clip_export, batch
     assert losses[-1] < 0.6 * losses[0], losses[::8]
 
 
+# The GPU presets' structure at CPU width: cross-attention at several levels over image and text tokens, the ε
+# objective under min-SNR, the 64 -> 256 px upsampler (their real width and depth are a matter of memory and time).
+NARROW_UNET = ["unet.block_out_channels=[16,16,32,32]", "unet.norm_num_groups=8", "unet.layers_per_block=1"]
+NARROW = {
+    "decoder": [*NARROW_UNET, "unet.cross_attention_dim=64", "unet.attention_head_dim=16"],
+    "upsampler": NARROW_UNET,
+}
+
+
+@pytest.mark.parametrize("stage", ["decoder", "upsampler"])
+def test_the_gpu_presets_at_cpu_width_learn_a_fixed_batch_and_sample(tmp_path, tiny_clip_export, batch64, stage):
+    overrides = [f"model/{stage}=base", *(f"model.{stage}.{o}" for o in NARROW[stage])]
+    if stage == "decoder":
+        batch = {k: v[:2] for k, v in batch64.items() if torch.is_tensor(v)}
+        module, size = make_decoder(tmp_path, tiny_clip_export, overrides), 64
+    else:
+        module, size = make_upsampler(tmp_path, tiny_clip_export, overrides), 256
+        batch = {"image": torch.nn.functional.interpolate(batch64["image"][:2], size=256, mode="bilinear")}
+    assert module.image_size == size
+    losses = fit_fixed_batch(module, batch, steps=8)
+    assert losses[-1] < 0.8 * losses[0], losses[::2]
+    module.eval()
+    if stage == "decoder":
+        images = module.generate(module.image_embedding(batch), batch["input_ids"], steps=2)
+    else:
+        images = module.generate(module.downsample(batch["image"]), steps=2)
+    assert images.shape == (2, 3, size, size) and torch.isfinite(images).all()
+
+
 @pytest.mark.parametrize("rms", [None, 2.0])
 def test_image_embedding_enters_the_timestep_embedding_at_the_configured_rms(tmp_path, tiny_clip_export, batch32, rms):
     """The L2-normalised embedding is scaled to `class_embedding_rms` per entry before the UNet projects it into

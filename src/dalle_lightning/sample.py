@@ -157,6 +157,7 @@ def sample(cfg: DictConfig) -> PipelineOutput:
             table.add_data(record["caption"], wandb.Image(image), record["withheld_by"])
         run.log({"samples/grid": wandb.Image(str(output_dir / "grid.png")), "samples/table": table})
         run.finish()
-    log.info("%d images in %s (grid: %s)", len(records), output_dir, output_dir / "grid.png")
-    print(f"wrote {len(records)} images and grid.png to {output_dir}")
+    images = f"{len(records)} image{'s' if len(records) != 1 else ''}"
+    log.info("%s in %s (grid: %s)", images, output_dir, output_dir / "grid.png")
+    print(f"wrote {images} and grid.png to {output_dir}")
     return out
