@@ -68,6 +68,7 @@ DEFAULT_PEER_SCRIPT = ROOT.parent / "shared" / "bench" / "peer_dalle2.py"
 # peer's widths 64/128/256 plus a 224-wide 4 px level: 16.8 M trainable parameters (+3.6%), 24% fewer FLOPs
 # per step than the peer's UNet (most of the extra parameters sit at the cheap 4 px level).
 DECODER_MATCHED = [
+    "model.decoder.text_tokens=false",  # the peer's decoder reads no text either
     "model.decoder.unet.block_out_channels=[64,128,256,224]",
     "model.decoder.unet.layers_per_block=1",
     "model.decoder.unet.norm_num_groups=32",
@@ -78,6 +79,7 @@ DECODER_MATCHED = [
 # only: 17.0 M trainable parameters (+4.7%), 12% more FLOPs per step than the peer's UNet. It isolates the
 # implementation's speed from the architecture's.
 DECODER_PEER_LAYOUT = [
+    "model.decoder.text_tokens=false",
     "model.decoder.unet.block_out_channels=[64,128,256]",
     "model.decoder.unet.down_block_types=[DownBlock2D,DownBlock2D,DownBlock2D]",
     "model.decoder.unet.up_block_types=[UpBlock2D,UpBlock2D,UpBlock2D]",

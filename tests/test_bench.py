@@ -10,6 +10,7 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
 PEER_PRIOR_PARAMS = 24_918_544  # DALLE2-pytorch's DiffusionPrior in ../shared/bench/peer_dalle2.py
+PEER_DECODER_PARAMS = 16.3e6  # its Unet (dim 64, mults 1, 2, 4), as bench.py's DECODER_MATCHED says
 ROW_FIELDS = ("name", "batch", "samples_per_s", "params", "gflop_per_iter", "achieved_gflops", "ms_per_iter_median")
 
 
@@ -23,14 +24,15 @@ def _run(script: Path, args: list[str], cwd: Path, timeout: float) -> subprocess
 
 def test_quick_bench_writes_peer_json_form(tmp_path):
     out = tmp_path / "bench.json"
-    done = _run(BENCH, ["--quick", "--only", "prior_train,loader", "--json", str(out)], tmp_path, timeout=300)
+    args = ["--quick", "--only", "prior_train,decoder32_train,loader", "--json", str(out)]
+    done = _run(BENCH, args, tmp_path, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "prior_train" in done.stdout and "samples/s" in done.stdout  # the table
 
     data = json.loads(out.read_text())
     assert data["meta"]["device"]["type"] in ("cpu", "cuda")
     rows = {row["name"]: row for row in data["results"]}
-    for name in ("prior_train", "loader", "loader_stock_webdataset"):
+    for name in ("prior_train", "decoder32_train", "loader", "loader_stock_webdataset"):
         assert set(ROW_FIELDS) <= set(rows[name]), name
         assert rows[name]["samples_per_s"] > 0
 
@@ -39,6 +41,8 @@ def test_quick_bench_writes_peer_json_form(tmp_path):
     assert prior["gflop_per_iter"] > 0 and prior["achieved_gflops"] > 0
     assert prior["saved_for_backward_mib"] > 0 and prior["gradient_checkpointing"] is False
     assert prior["fraction_of_fp32_mm_ceiling"] > 0
+    # The decoder matched to the peer's UNet (16.3 M parameters), reading no text as the peer's does.
+    assert abs(rows["decoder32_train"]["params"] / PEER_DECODER_PARAMS - 1) <= 0.05
 
     # Our own matmul ceiling is measured in the same run.
     assert any(name.startswith("mm_") and "float32" in name and rows[name]["achieved_gflops"] > 0 for name in rows)
