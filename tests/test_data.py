@@ -217,8 +217,8 @@ def test_bad_samples_and_shards_are_skipped_and_counted_with_no_side_effect(tmp_
 
 
 def test_a_training_stream_that_can_use_nothing_stops_with_one_line_saying_why(tmp_path):
-    """A resampled stream never ends: data that cannot feed the stage at all (every image smaller than it,
-    every shard unreadable) must stop the run with the reason and the fix, not skip forever."""
+    """A resampled stream never ends: data that cannot feed the stage at all (here every image smaller than it;
+    unreadable shards: tests/faults/test_fault_kinds.py) must stop the run with the reason and the fix."""
     small = {}
     for i in range(8):
         small.update({f"s{i}.jpg": jpeg_bytes(size=(16, 16)), f"s{i}.txt": b"a small red circle"})
@@ -228,12 +228,6 @@ def test_a_training_stream_that_can_use_nothing_stops_with_one_line_saying_why(t
     with pytest.raises(UserError, match=r"last 20 samples were all skipped \(too_small: 20\)") as err:
         next(iter(stream))
     assert "smaller than 32 px (data.min_image_size" in str(err.value) and "\n" not in str(err.value)
-
-    (tmp_path / "garbage.tar").write_bytes(b"not a tar" * 100)
-    decoder = SampleDecoder(image_size=32, min_image_size=16, max_failed_shards=3)
-    stream = TrainStream([str(tmp_path / "garbage.tar")], decoder, 4, batches_per_worker=2, shuffle_buffer=4, seed=0)
-    with pytest.raises(UserError, match="3 shards in a row could not be read"):
-        next(iter(stream))
 
     # Usable samples between the skipped ones reset the count: a mixed stream trains.
     mixed = {**small, **good("a"), **good("b")}

@@ -75,6 +75,12 @@ def expand_shards(spec: str | Sequence[str], name: str = "shards") -> list[str]:
     return urls
 
 
+def _this_worker() -> str:
+    """Where a loader error happened, for its message: rank and loader worker."""
+    rank, world_size, worker, _ = pytorch_worker_info()
+    return f"rank {rank} of {world_size} (loader worker {worker})"
+
+
 def stable_id(text: str) -> int:
     """A stable integer id for a string (same in every process), to compare captions across ranks."""
     return zlib.crc32(text.encode("utf-8"))
@@ -145,11 +151,10 @@ class SampleDecoder:
         self.failed_shards += 1
         log.warning("skipping unreadable shard data: %s", message)
         if self.failed_shards >= self.max_failed_shards:
-            rank, world_size, worker, _ = pytorch_worker_info()
             raise UserError(
-                f"rank {rank} of {world_size} (loader worker {worker}): {self.failed_shards} shards in a row could "
-                f"not be read, the last with: {message[:200]}; check data.train_shards (and data.val_shards): "
-                "the paths, their permissions, and that a pipe: command works on its own in a shell"
+                f"{_this_worker()}: {self.failed_shards} shards in a row could not be read, the last with: "
+                f"{message[:200]}; check data.train_shards (and data.val_shards): the paths, their permissions, "
+                "and that a pipe: command works on its own in a shell"
             )
         return stage != "tar_file_iterator"
 
@@ -189,21 +194,19 @@ class SampleDecoder:
             yield decoded
 
     def nothing_usable(self) -> str:
-        rank, world_size, worker, _ = pytorch_worker_info()
-        reasons = ", ".join(f"{reason}: {count}" for reason, count in self.skipped_in_a_row.most_common())
-        if self.skipped_in_a_row.most_common(1)[0][0] == "too_small":
+        counts = self.skipped_in_a_row.most_common()
+        commonest = counts[0][0]
+        if commonest == "too_small":
             fix = (
                 f"the images are smaller than {self.min_image_size} px (data.min_image_size; by default half the "
                 f"stage's image size, {self.image_size} px): train at a size the data has, or use larger images"
             )
-        elif "npy" in self.skipped_in_a_row.most_common(1)[0][0]:
+        elif "npy" in commonest:
             fix = f"the shards lack readable {', '.join(self.npy_fields)} members: point the stage at embed.py's shards"
         else:
             fix = "check data.train_shards and data.val_shards hold img2dataset samples (an image and a .txt caption)"
-        return (
-            f"rank {rank} of {world_size} (loader worker {worker}): the last {self.skipped_in_a_row.total()} samples "
-            f"were all skipped ({reasons}); {fix}"
-        )
+        reasons = ", ".join(f"{reason}: {count}" for reason, count in counts)
+        return f"{_this_worker()}: the last {self.skipped_in_a_row.total()} samples were all skipped ({reasons}); {fix}"
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         captions = [s["caption"] for s in samples]
