@@ -110,6 +110,30 @@ def test_decoder_oracle_scores_real_reconstructed_and_text_images(tiny_exports, 
     assert Image.open(grid).size == (200 + 3 * 68, 4 * 68)
 
 
+TRACE = Path(__file__).resolve().parents[1] / "benchmarks" / "decoder_shape_trace.py"
+
+
+def test_decoder_shape_trace_scores_one_step_denoising_and_samples(tiny_exports, shapes_root, tmp_path):
+    """benchmarks/decoder_shape_trace.py on the random tiny exports: the oracle reads the real single-object images
+    right; every set is scored; the random decoder's one-step estimate keeps a clean image's colour at t=100 better
+    than pure noise does at t=900; a missing export is one line."""
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    for stage in ("clip", "prior", "decoder"):
+        (exports / stage).symlink_to(tiny_exports[stage])
+    args = ["--exports", str(exports), "--data-root", str(shapes_root), "--num-samples", "32", "--threads", "1"]
+    done = _run(TRACE, args, tmp_path, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    data = json.loads(done.stdout)
+    assert data["single_object_scenes"] > 0 and data["real"] == {"colour": 1.0, "shape": 1.0}
+    assert {"x0@100", "x0@900", "generated", "text_only"} <= set(data)
+    assert set(data["swapped_text"]) == {"follows_text", "follows_image"}
+    assert data["x0@100"]["colour"] > data["x0@900"]["colour"]
+    missing = _run(TRACE, ["--exports", str(tmp_path / "nothing")], tmp_path, timeout=60)
+    assert missing.returncode == 2 and missing.stderr.strip().count("\n") == 0, missing.stderr[-2000:]
+    assert "--exports/clip" in missing.stderr
+
+
 PROBE = Path(__file__).resolve().parents[1] / "benchmarks" / "shape_probe.py"
 
 

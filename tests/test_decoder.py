@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from conftest import compose_config, first_batch, small_shapes
-from dalle_lightning.diffusion.objectives import min_snr_weight, training_scheduler
+from dalle_lightning.diffusion.objectives import min_snr_weight, sample_timesteps, training_scheduler
 from dalle_lightning.errors import UserError
 from dalle_lightning.export import load_clip_export
 from dalle_lightning.stages.decoder import DecoderModule
@@ -193,6 +193,38 @@ def test_min_snr_weights_cap_easy_timesteps():
         assert weights.shape == (3,) and torch.isfinite(weights).all() and (weights >= 0).all()
     eps = min_snr_weight(training_scheduler(prediction_type="epsilon"), t, 5.0)
     assert eps[0] < 0.01 and eps[2] == pytest.approx(1.0)  # high SNR capped; noisy steps keep full weight
+
+
+def test_logit_normal_timesteps_favour_the_middle_noise_levels_in_training_only(tmp_path, tiny_clip_export, batch32):
+    uniform = sample_timesteps(20_000, 1000, generator=torch.Generator().manual_seed(0))
+    middle = sample_timesteps(20_000, 1000, "logit_normal", 0.0, 1.0, generator=torch.Generator().manual_seed(0))
+    later = sample_timesteps(20_000, 1000, "logit_normal", 0.5, 1.0, generator=torch.Generator().manual_seed(0))
+    for t in (uniform, middle, later):
+        assert t.dtype == torch.int64 and t.min() >= 0 and t.max() <= 999
+
+    def share_in_middle(t):
+        return ((t >= 250) & (t < 750)).float().mean().item()
+
+    # P(|z| < logit(0.75)) = 0.73 for z ~ N(0, 1), against 0.5 for uniform timesteps
+    assert share_in_middle(uniform) == pytest.approx(0.5, abs=0.02)
+    assert share_in_middle(middle) == pytest.approx(0.73, abs=0.02)
+    assert middle.float().median() == pytest.approx(500, abs=15)
+    assert later.float().median() == pytest.approx(1000 * torch.sigmoid(torch.tensor(0.5)).item(), abs=15)
+
+    # Validation draws uniform timesteps whatever training samples, so val/loss stays comparable across configs.
+    logit = make_decoder(tmp_path, tiny_clip_export, ["++model.decoder.timestep_sampling=logit_normal"]).eval()
+    plain = make_decoder(tmp_path, tiny_clip_export, ["++model.decoder.timestep_sampling=uniform"]).eval()
+
+    def loss(module, train):
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            x0, condition = module.diffusion_inputs(batch32, train=False, generator=generator)
+            return module.loss(x0, condition, generator, train=train)
+
+    assert torch.equal(loss(logit, train=False), loss(plain, train=False))
+    assert not torch.equal(loss(logit, train=True), loss(plain, train=True))
+    with pytest.raises(UserError, match="timestep_sampling='cosine' is unknown: use one of uniform, logit_normal"):
+        make_decoder(tmp_path, tiny_clip_export, ["++model.decoder.timestep_sampling=cosine"])
 
 
 def test_decoder_errors_are_one_line(tmp_path, tiny_clip_export, batch32, batch64):

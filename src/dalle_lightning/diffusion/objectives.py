@@ -40,6 +40,33 @@ def diffusion_target(scheduler: DDPMScheduler, x0: torch.Tensor, noise: torch.Te
     return scheduler.get_velocity(x0, noise, t)
 
 
+TIMESTEP_SAMPLING = ("uniform", "logit_normal")
+
+
+def sample_timesteps(
+    n: int,
+    num_train_timesteps: int,
+    scheme: str = "uniform",
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Training timesteps (n,): uniform, or logit-normal (SD3): t/T = sigmoid(N(mean, std)), which spends the
+    steps on the middle noise levels, where the layout and shapes of an image are decided, and few on the
+    nearly clean and nearly pure-noise ends."""
+    if check_timestep_sampling(scheme) == "uniform":
+        return torch.randint(0, num_train_timesteps, (n,), device=device, generator=generator)
+    u = torch.sigmoid(logit_mean + logit_std * torch.randn((n,), device=device, generator=generator))
+    return (u * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
+
+
+def check_timestep_sampling(scheme: str) -> str:
+    if scheme not in TIMESTEP_SAMPLING:
+        raise UserError(f"timestep_sampling='{scheme}' is unknown: use one of {', '.join(TIMESTEP_SAMPLING)}")
+    return scheme
+
+
 def min_snr_weight(scheduler: DDPMScheduler, t: torch.Tensor, gamma: float | None) -> torch.Tensor:
     """Per-sample loss weights: min(SNR, γ) expressed for the prediction type (1 everywhere when γ is None)."""
     if gamma is None:

@@ -20,7 +20,12 @@ from torch import nn
 from transformers import CLIPModel
 
 from dalle_lightning.callbacks import evaluation_epoch
-from dalle_lightning.diffusion.objectives import diffusion_loss, training_scheduler
+from dalle_lightning.diffusion.objectives import (
+    check_timestep_sampling,
+    diffusion_loss,
+    sample_timesteps,
+    training_scheduler,
+)
 from dalle_lightning.errors import UserError
 from dalle_lightning.export import read_manifest
 from dalle_lightning.metrics.image import frechet_distance
@@ -62,6 +67,9 @@ class ImageDiffusionModule(StageModule):
             model.get("prediction_type", "epsilon"),
         )
         self.min_snr_gamma = model.get("min_snr_gamma", 5.0)
+        self.timestep_sampling = check_timestep_sampling(model.get("timestep_sampling", "uniform"))
+        # logit_normal's (mean, std)
+        self.timestep_logit = float(model.get("timestep_logit_mean", 0.0)), float(model.get("timestep_logit_std", 1.0))
         self.fd_name, fd = frechet_distance(self.clip, self.metrics_config.get("inception_weights"))
         self.image_metrics = nn.ModuleDict({"fd": fd, **self.extra_metrics()})
         self._metric_samples = 0
@@ -104,9 +112,18 @@ class ImageDiffusionModule(StageModule):
         if self.device.type == "cuda" and self.config.get("channels_last", True):
             self.unet.to(memory_format=torch.channels_last)
 
-    def loss(self, x0: torch.Tensor, condition: Condition, generator: torch.Generator | None = None) -> torch.Tensor:
-        t = torch.randint(
-            0, self.noise.config.num_train_timesteps, (x0.shape[0],), device=x0.device, generator=generator
+    def loss(
+        self, x0: torch.Tensor, condition: Condition, generator: torch.Generator | None = None, train: bool = True
+    ) -> torch.Tensor:
+        """The objective at random timesteps: drawn as the config's `timestep_sampling` says in training, uniformly
+        in validation, so that val/loss is the same average over noise levels whatever the training sampled."""
+        t = sample_timesteps(
+            x0.shape[0],
+            self.noise.config.num_train_timesteps,
+            self.timestep_sampling if train else "uniform",
+            *self.timestep_logit,
+            device=x0.device,
+            generator=generator,
         )
         noise = torch.randn(x0.shape, device=x0.device, generator=generator)
         noisy = self.noise.add_noise(x0, noise, t)
@@ -132,7 +149,7 @@ class ImageDiffusionModule(StageModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         generator = torch.Generator(self.device).manual_seed(batch_idx)  # the same noise every epoch
         x0, condition = self.diffusion_inputs(batch, train=False, generator=generator)
-        self.log("val/loss", self.loss(x0, condition, generator), batch_size=x0.shape[0], sync_dist=True)
+        self.log("val/loss", self.loss(x0, condition, generator, train=False), batch_size=x0.shape[0], sync_dist=True)
         if not self.metrics_due():
             return
         per_rank = math.ceil(int(self.metrics_config["num_samples"]) / self.trainer.world_size)
