@@ -38,13 +38,18 @@ ROOT = Path(__file__).resolve().parents[1]
 SETS = ("real", "reconstruction", "from_text")
 
 
+def add_stack_arguments(p: argparse.ArgumentParser) -> None:
+    """--exports, --decoder (for `load_pipeline`) and --data-root (the Shapes build whose val split is read)."""
+    p.add_argument("--exports", default=str(ROOT / "outputs/demo/export"), help="folder with clip/, prior/, decoder/")
+    p.add_argument("--decoder", default=None, help="another decoder export (trained on the same CLIP)")
+    p.add_argument("--data-root", default=str(ROOT / "data/shapes"), help="a Shapes build (its val/ shards)")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--exports", default=str(ROOT / "outputs/demo/export"), help="folder with clip/, prior/, decoder/")
-    p.add_argument("--decoder", default=None, help="another decoder export (trained on the same CLIP)")
-    p.add_argument("--data-root", default=str(ROOT / "data/shapes"), help="a Shapes build (its val/ shards)")
+    add_stack_arguments(p)
     p.add_argument("--num-samples", type=int, default=256, help="validation images (N)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
@@ -67,26 +72,30 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+def load_pipeline(exports: str, decoder: str | None = None, threads: int = 2):
+    """(UnCLIPPipeline of `exports`/clip, prior, decoder, the decoder's export path) on `threads` torch threads;
+    `decoder` replaces the decoder. Errors name the flag the user gave: --exports/<stage>, or --decoder."""
+    torch.set_num_threads(threads)
     for name in ("transformers", "diffusers"):
         logging.getLogger(name).setLevel(logging.ERROR)
-
     from dalle_lightning.export import check_exports
-    from dalle_lightning.metrics.compositional import CompositionalAccuracy
     from dalle_lightning.pipeline import UnCLIPPipeline
+
+    found = {stage: Path(exports) / stage for stage in ("clip", "prior", "decoder")}
+    check_exports({k: v for k, v in found.items() if not (k == "decoder" and decoder)}, "--exports/")
+    if decoder:
+        found["decoder"] = Path(decoder)
+        check_exports({"decoder": found["decoder"]}, "--")
+    return UnCLIPPipeline.from_exports(**found), found["decoder"]
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+
+    from dalle_lightning.metrics.compositional import CompositionalAccuracy
     from dalle_lightning.visualize import captioned_grid
 
-    exports = Path(args.exports)
-    found = {stage: exports / stage for stage in ("clip", "prior", "decoder")}
-    # Errors name the flag the user gave: --exports/<stage>, or --decoder for another decoder.
-    check_exports({k: v for k, v in found.items() if not (k == "decoder" and args.decoder)}, "--exports/")
-    if args.decoder:
-        found["decoder"] = Path(args.decoder)
-        check_exports({"decoder": found["decoder"]}, "--")
-    decoder_export = found["decoder"]
-    pipe = UnCLIPPipeline.from_exports(**found)
+    pipe, decoder_export = load_pipeline(args.exports, args.decoder, args.threads)
     size, bs = pipe.decoder.image_size, args.batch_size
     data = load_validation(Path(args.data_root), size, args.num_samples, bs, pipe.tokenizer)
     captions = data["caption"]

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import re
 from pathlib import Path
@@ -31,11 +30,11 @@ from typing import Any
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
+from decoder_oracle import add_stack_arguments, load_pipeline
 from sampler_quality import load_validation
 
 from dalle_lightning.errors import report_user_errors
 
-ROOT = Path(__file__).resolve().parents[1]
 TIMESTEPS = (100, 300, 500, 700, 900)
 
 
@@ -43,9 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--exports", default=str(ROOT / "outputs/demo/export"), help="folder with clip/, prior/, decoder/")
-    p.add_argument("--decoder", default=None, help="another decoder export (trained on the same CLIP)")
-    p.add_argument("--data-root", default=str(ROOT / "data/shapes"), help="a Shapes build (its val/ shards)")
+    add_stack_arguments(p)
     p.add_argument("--num-samples", type=int, default=512, help="validation images read (about 30%% are single)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
@@ -68,22 +65,10 @@ def next_shape(caption: str) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    for name in ("transformers", "diffusers"):
-        logging.getLogger(name).setLevel(logging.ERROR)
 
-    from dalle_lightning.export import check_exports
     from dalle_lightning.metrics.compositional import parse_prompt
-    from dalle_lightning.pipeline import UnCLIPPipeline
 
-    exports = Path(args.exports)
-    found = {stage: exports / stage for stage in ("clip", "prior", "decoder")}  # the pipeline needs a prior
-    # Errors name the flag the user gave: --exports/<stage>, or --decoder for another decoder.
-    check_exports({k: v for k, v in found.items() if not (k == "decoder" and args.decoder)}, "--exports/")
-    if args.decoder:
-        found["decoder"] = Path(args.decoder)
-        check_exports({"decoder": found["decoder"]}, "--")
-    pipe = UnCLIPPipeline.from_exports(**found)
+    pipe, decoder_export = load_pipeline(args.exports, args.decoder, args.threads)
     decoder = pipe.decoder
     data = load_validation(Path(args.data_root), decoder.image_size, args.num_samples, 64, pipe.tokenizer)
     single = [i for i, caption in enumerate(data["caption"]) if parse_prompt(caption).kind == "single"]
@@ -92,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ids = pipe.tokenize(captions)[0] if decoder.text_tokens else None
     embeds = pipe.image_embeddings(images)
 
-    out: dict[str, Any] = {"decoder": str(found["decoder"]), "single_object_scenes": len(captions)}
+    out: dict[str, Any] = {"decoder": str(decoder_export), "single_object_scenes": len(captions)}
     out["real"] = accuracy(images, captions)
     generator = torch.Generator(pipe.device).manual_seed(args.seed)
     scheduler = decoder.noise
