@@ -73,7 +73,7 @@ DECODER_MATCHED = [
     "model.decoder.unet.layers_per_block=1",
     "model.decoder.unet.norm_num_groups=32",
     "model.decoder.unet.cross_attention_dim=224",
-    "model.decoder.unet.attention_head_dim=32",
+    "model.decoder.unet.attention_head_dim=7",  # heads (diffusers reads the name so): 32 channels each, as the peer's
 ]
 # The peer's own layout in our UNet: 3 levels 64/128/256, two resnets per level, attention at the 8 px bottleneck
 # only: 17.0 M trainable parameters (+4.7%), 12% more FLOPs per step than the peer's UNet. It isolates the
@@ -86,7 +86,7 @@ DECODER_PEER_LAYOUT = [
     "model.decoder.unet.layers_per_block=2",
     "model.decoder.unet.norm_num_groups=32",
     "model.decoder.unet.cross_attention_dim=256",
-    "model.decoder.unet.attention_head_dim=64",
+    "model.decoder.unet.attention_head_dim=4",  # 4 heads of 64 channels
 ]
 # The prior matched to the peer's DiffusionPriorNetwork (dim 512, depth 6: 24.9 M): width 512 (8 heads of 64), depth 8:
 # 26.5 M trainable parameters (+6.5%); conditioned on the text embedding only, as the peer's benchmark.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from diffusers.models.attention_processor import Attention
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -82,7 +83,7 @@ def test_upsampler_loss_falls_on_a_fixed_batch(tmp_path, tiny_clip_export, batch
 # objective under min-SNR, the 64 -> 256 px upsampler (their real width and depth are a matter of memory and time).
 NARROW_UNET = ["unet.block_out_channels=[16,16,32,32]", "unet.norm_num_groups=8", "unet.layers_per_block=1"]
 NARROW = {
-    "decoder": [*NARROW_UNET, "unet.cross_attention_dim=64", "unet.attention_head_dim=16"],
+    "decoder": [*NARROW_UNET, "unet.cross_attention_dim=64", "unet.attention_head_dim=2"],
     "upsampler": NARROW_UNET,
 }
 
@@ -105,6 +106,20 @@ def test_the_gpu_presets_at_cpu_width_learn_a_fixed_batch_and_sample(tmp_path, t
     else:
         images = module.generate(module.downsample(batch["image"]), steps=2)
     assert images.shape == (2, 3, size, size) and torch.isfinite(images).all()
+
+
+def test_attention_heads_are_as_wide_as_the_presets_mean_and_narrow_heads_fail_at_fit(tmp_path, tiny_clip_export):
+    """diffusers reads `attention_head_dim` as the number of heads per block: the presets give heads of 32 (tiny)
+    and 64 (base) channels; the name taken at its word (32 heads at 64 channels) is a one-line error at fit."""
+
+    def head_widths(module):
+        return {m.inner_dim // m.heads for m in module.unet.modules() if isinstance(m, Attention)}
+
+    assert head_widths(make_decoder(tmp_path, tiny_clip_export)) == {32}
+    assert head_widths(make_decoder(tmp_path, tiny_clip_export, ["model/decoder=base"])) == {64}
+    narrow = make_decoder(tmp_path, tiny_clip_export, ["model.decoder.unet.attention_head_dim=32"])
+    with pytest.raises(UserError, match=r"=32 gives 32 attention heads of 2 channels.*number of heads per block"):
+        narrow.on_fit_start()
 
 
 @pytest.mark.parametrize("rms", [None, 2.0])

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 import torch
 from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import ImageProjection
 from safetensors.torch import save_model
 from torch import nn
@@ -28,6 +29,25 @@ from dalle_lightning.models.clip import encode_images, text_token_encodings
 from dalle_lightning.stages.diffusion import Condition, ImageDiffusionModule, first
 
 EMBEDDING_SOURCES = ("clip", "shards")
+# diffusers' UNet2DConditionModel reads `attention_head_dim` as the number of heads per block (its naming issue
+# #2011): heads narrower than this come from giving it a head width, as the name asks, not from a choice.
+MIN_HEAD_WIDTH = 8
+
+
+def check_attention_heads(unet: UNet2DConditionModel) -> None:
+    """A one-line error when an attention layer of `unet` has heads under `MIN_HEAD_WIDTH` channels."""
+    layers = [m for m in unet.modules() if isinstance(m, Attention)]
+    if not layers:
+        return
+    narrowest = min(layers, key=lambda m: m.inner_dim // m.heads)
+    width = narrowest.inner_dim // narrowest.heads
+    if width < MIN_HEAD_WIDTH:
+        channels = unet.config.block_out_channels
+        raise UserError(
+            f"model.decoder.unet.attention_head_dim={unet.config.attention_head_dim} gives {narrowest.heads} "
+            f"attention heads of {width} channels: diffusers reads attention_head_dim as the number of heads per "
+            f"block, so give heads per block, e.g. {[max(1, c // 32) for c in channels]} for heads of 32 channels"
+        )
 
 
 class DecoderContext(nn.Module):
@@ -101,6 +121,11 @@ class DecoderModule(ImageDiffusionModule):
         self.class_scale = 1.0 if rms is None else float(rms) * self.embedding_dim**0.5
         self.image_drop_prob = float(model.get("image_drop_prob", 0.1))
         self.text_drop_prob = float(model.get("text_drop_prob", 0.5))
+
+    def on_fit_start(self) -> None:
+        # At fit, not construction: decoders exported with such heads still load and sample.
+        check_attention_heads(self.unet)
+        super().on_fit_start()
 
     def extra_metrics(self) -> dict[str, nn.Module]:
         # The real images' score with their captions is the ceiling the samples' score is read against.
