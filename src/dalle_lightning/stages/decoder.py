@@ -36,17 +36,16 @@ MIN_HEAD_WIDTH = 8
 
 def check_attention_heads(unet: UNet2DConditionModel) -> None:
     """A one-line error when an attention layer of `unet` has heads under `MIN_HEAD_WIDTH` channels."""
-    layers = [m for m in unet.modules() if isinstance(m, Attention)]
-    if not layers:
-        return
-    narrowest = min(layers, key=lambda m: m.inner_dim // m.heads)
-    width = narrowest.inner_dim // narrowest.heads
+    width, heads = min(
+        ((m.inner_dim // m.heads, m.heads) for m in unet.modules() if isinstance(m, Attention)),
+        default=(MIN_HEAD_WIDTH, 0),
+    )
     if width < MIN_HEAD_WIDTH:
-        channels = unet.config.block_out_channels
+        suggestion = [max(1, c // 32) for c in unet.config.block_out_channels]
         raise UserError(
-            f"model.decoder.unet.attention_head_dim={unet.config.attention_head_dim} gives {narrowest.heads} "
+            f"model.decoder.unet.attention_head_dim={unet.config.attention_head_dim} gives {heads} "
             f"attention heads of {width} channels: diffusers reads attention_head_dim as the number of heads per "
-            f"block, so give heads per block, e.g. {[max(1, c // 32) for c in channels]} for heads of 32 channels"
+            f"block, so give heads per block, e.g. {suggestion} for heads of 32 channels"
         )
 
 
