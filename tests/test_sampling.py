@@ -3,6 +3,8 @@ predictions imply."""
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from dalle_lightning.diffusion.objectives import training_scheduler
@@ -32,7 +34,7 @@ def test_ddim_with_thresholding_steps_from_the_thresholded_x0():
     alphas = train.alphas_cumprod
     config = scheduler.config
     clipped = 0
-    for (x, t), (x_next, t_next) in zip(calls, calls[1:]):
+    for (x, t), (x_next, t_next) in itertools.pairwise(calls):
         a, a_next = alphas[t], alphas[t_next]
         raw = a.sqrt() * x - (1 - a).sqrt() * v
         x0 = thresholded(raw, config.dynamic_thresholding_ratio, config.sample_max_value)
