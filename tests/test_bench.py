@@ -207,6 +207,21 @@ def test_shape_probe_without_colour_sees_through_the_colour_veto():
     assert without_colour >= 0.8 and without_colour > plain + 0.3, (plain, without_colour)
 
 
+def test_nearest_neighbour_shapes_vote_among_the_most_similar_training_embeddings():
+    """Each query takes the majority shape of its k most cosine-similar training embeddings, whatever the
+    labels of the rest (a pair-detector embedding, read linearly, would need one weight per pair)."""
+    import torch
+
+    module = _load_script(PROBE)
+    train = torch.nn.functional.normalize(
+        torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.8, 0.2], [0.0, 1.0], [0.1, 0.9]]), dim=1
+    )
+    labels = torch.tensor([3, 3, 1, 4, 4])
+    queries = torch.nn.functional.normalize(torch.tensor([[1.0, 0.05], [0.05, 1.0]]), dim=1)
+    assert module.nearest_neighbour_shapes(train, labels, queries, k=3).tolist() == [3, 4]
+    assert module.nearest_neighbour_shapes(train, labels, queries, k=1).tolist() == [3, 4]
+
+
 def test_shape_probe_reports_seen_and_heldout_accuracy(tiny_clip_export, shapes_root, tmp_path):
     """benchmarks/shape_probe.py on the random tiny CLIP and the small Shapes build: one JSON object with both
     probes' accuracies (in [0, 1]) over the val split's one-shape scenes, seen and held-out both present."""
@@ -218,7 +233,7 @@ def test_shape_probe_reports_seen_and_heldout_accuracy(tiny_clip_export, shapes_
     for name in ("image", "text"):
         counts = data[name]["val_scenes"]
         assert counts["seen"] > 0 and counts["heldout"] > 0
-        for scores in (data[name], data[name]["colour_removed"]):
+        for scores in (data[name], data[name]["colour_removed"], data[name]["nearest_neighbours"]):
             assert 0.0 <= scores["seen"] <= 1.0 and 0.0 <= scores["heldout"] <= 1.0
 
 
