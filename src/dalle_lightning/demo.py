@@ -159,6 +159,8 @@ def embed_shapes(clip_export: Path) -> dict[str, str]:
     patterns = {}
     for split in ("train", "val"):
         args = [f"clip_export={clip_export}", f"shards='{manifest['shards'][split]}'", f"output_dir={out / split}"]
+        # embed.py reads with 4 worker processes by default; on the demo's 2 cores torch warns of too many
+        args.append(f"num_workers={min(4, os.cpu_count() or 1)}")
         run_script(f"embed {split}", "embed.py", OUT / "runs" / f"embed_{split}", args)
         patterns[split] = str(out / split / f"{split}-*.tar")
     return patterns
