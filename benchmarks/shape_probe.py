@@ -95,7 +95,9 @@ def probe(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor) -
         return linear(test).argmax(1)
 
 
-def nearest_neighbour_shapes(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, k: int = 10):
+def nearest_neighbour_shapes(
+    train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, k: int = 10
+) -> torch.Tensor:
     """Per `test` embedding, the most common label of its `k` most similar `train` embeddings (dot product: the
     embeddings are L2-normalised, so cosine)."""
     return train_labels[(test @ train.T).topk(k, dim=1).indices].mode(dim=1).values
