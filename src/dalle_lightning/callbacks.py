@@ -19,18 +19,10 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from dalle_lightning.errors import UserError
 from dalle_lightning.export import check_export_target, write_export
+from dalle_lightning.stages.base import evaluation_epoch
 from dalle_lightning.visualize import captioned_grid
 
 log = logging.getLogger(__name__)
-
-
-def evaluation_epoch(trainer: L.Trainer, every_n_epochs: int) -> bool:
-    """Whether this validation epoch is one for the costly evaluations (sampling images): every `every_n_epochs`
-    epochs and the last one, never the sanity check. The same answer on every rank."""
-    if trainer.sanity_checking or every_n_epochs <= 0:
-        return False
-    epoch = trainer.current_epoch + 1
-    return epoch % every_n_epochs == 0 or epoch == trainer.max_epochs
 
 
 class ExportCallback(L.Callback):

@@ -31,6 +31,15 @@ def warmup_cosine(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def evaluation_epoch(trainer: L.Trainer, every_n_epochs: int) -> bool:
+    """Whether this validation epoch is one for the costly evaluations (sampling images): every `every_n_epochs`
+    epochs and the last one, never the sanity check. The same answer on every rank."""
+    if trainer.sanity_checking or every_n_epochs <= 0:
+        return False
+    epoch = trainer.current_epoch + 1
+    return epoch % every_n_epochs == 0 or epoch == trainer.max_epochs
+
+
 def rng_states() -> dict[str, Any]:
     """The states of torch's (CPU and CUDA), numpy's and Python's global generators, as plain tensors, lists
     and tuples so that a checkpoint holding them loads with `weights_only=True`."""

@@ -16,9 +16,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from diffusers import UNet2DConditionModel
-from diffusers.models.attention_processor import Attention
-from diffusers.models.embeddings import ImageProjection
 from safetensors.torch import save_model
 from torch import nn
 
@@ -26,48 +23,10 @@ from dalle_lightning.diffusion.sampling import guided_sample, sampling_scheduler
 from dalle_lightning.errors import UserError
 from dalle_lightning.metrics.image import ClipScore
 from dalle_lightning.models.clip import encode_images, text_token_encodings
+from dalle_lightning.models.decoder import build_decoder_context, build_decoder_unet, check_attention_heads
 from dalle_lightning.stages.diffusion import Condition, ImageDiffusionModule, first
 
 EMBEDDING_SOURCES = ("clip", "shards")
-# diffusers' UNet2DConditionModel reads `attention_head_dim` as the number of heads per block (its naming issue
-# #2011): heads narrower than this come from giving it a head width, as the name asks, not from a choice.
-MIN_HEAD_WIDTH = 8
-
-
-def check_attention_heads(unet: UNet2DConditionModel) -> None:
-    """A one-line error when an attention layer of `unet` has heads under `MIN_HEAD_WIDTH` channels."""
-    width, heads = min(
-        ((m.inner_dim // m.heads, m.heads) for m in unet.modules() if isinstance(m, Attention)),
-        default=(MIN_HEAD_WIDTH, 0),
-    )
-    if width < MIN_HEAD_WIDTH:
-        suggestion = [max(1, c // 32) for c in unet.config.block_out_channels]
-        raise UserError(
-            f"model.decoder.unet.attention_head_dim={unet.config.attention_head_dim} gives {heads} "
-            f"attention heads of {width} channels: diffusers reads attention_head_dim as the number of heads per "
-            f"block, so give heads per block, e.g. {suggestion} for heads of 32 channels"
-        )
-
-
-class DecoderContext(nn.Module):
-    """Cross-attention context: `num_image_tokens` tokens projected from the image embedding, then (when
-    `text_width` is given) the caption's token encodings projected to the UNet's attention width."""
-
-    def __init__(self, embedding_dim: int, width: int, num_image_tokens: int = 4, text_width: int | None = None):
-        super().__init__()
-        self.image = ImageProjection(
-            image_embed_dim=embedding_dim, cross_attention_dim=width, num_image_text_embeds=num_image_tokens
-        )
-        self.text = nn.Sequential(nn.LayerNorm(text_width), nn.Linear(text_width, width)) if text_width else None
-
-    def forward(
-        self, image_embeds: torch.Tensor, text: torch.Tensor | None = None, text_mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        tokens = self.image(image_embeds)
-        if self.text is None or text is None:
-            return tokens, None
-        mask = torch.cat([torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device), text_mask], 1)
-        return torch.cat([tokens, self.text(text)], 1), mask
 
 
 class DecoderModule(ImageDiffusionModule):
@@ -98,28 +57,15 @@ class DecoderModule(ImageDiffusionModule):
         self.embeddings = embeddings
         self.image_size = int(model["image_size"])
         self.embedding_dim = self.clip.config.projection_dim
-        self.text_tokens = bool(model.get("text_tokens", False))
-        width = int(model["unet"]["cross_attention_dim"])
-        self.context = DecoderContext(
-            self.embedding_dim,
-            width,
-            int(model.get("num_image_tokens", 4)),
-            self.clip.config.text_config.hidden_size if self.text_tokens else None,
-        )
-        self.unet = UNet2DConditionModel(
-            sample_size=self.image_size,
-            in_channels=3,
-            out_channels=3,
-            class_embed_type="projection",
-            projection_class_embeddings_input_dim=self.embedding_dim,
-            **model["unet"],
-        )
+        self.text_tokens = bool(model["text_tokens"])
+        self.context = build_decoder_context(model, self.embedding_dim, self.clip.config.text_config.hidden_size)
+        self.unet = build_decoder_unet(model, self.embedding_dim)
         # An L2-normalised embedding has entries of RMS 1/sqrt(D): added unscaled to the timestep embedding,
         # it starts an order of magnitude weaker than the timestep and Adam takes most of a short run to grow it.
-        rms = model.get("class_embedding_rms")
+        rms = model["class_embedding_rms"]
         self.class_scale = 1.0 if rms is None else float(rms) * self.embedding_dim**0.5
-        self.image_drop_prob = float(model.get("image_drop_prob", 0.1))
-        self.text_drop_prob = float(model.get("text_drop_prob", 0.5))
+        self.image_drop_prob = float(model["image_drop_prob"])
+        self.text_drop_prob = float(model["text_drop_prob"])
 
     def on_fit_start(self) -> None:
         # At fit, not construction: decoders exported with such heads still load and sample.
@@ -211,9 +157,9 @@ class DecoderModule(ImageDiffusionModule):
         starting noise (e.g. the same for every frame of an interpolation). `known = (images, mask)` inpaints:
         only where `mask` (N, 1, S, S) is 1 is the image generated, the rest is pinned to `images`."""
         config = self.config
-        steps = steps or int(config.get("sample_steps", 16))
-        guidance_scale = float(config.get("guidance_scale", 3.0) if guidance_scale is None else guidance_scale)
-        threshold = config.get("dynamic_thresholding", 0.995) if dynamic_thresholding is None else dynamic_thresholding
+        steps = steps or int(config["sample_steps"])
+        guidance_scale = float(config["guidance_scale"] if guidance_scale is None else guidance_scale)
+        threshold = config["dynamic_thresholding"] if dynamic_thresholding is None else dynamic_thresholding
         n = image_embeds.shape[0]
         conditional = self.condition(image_embeds, input_ids)
         both = None
@@ -225,7 +171,7 @@ class DecoderModule(ImageDiffusionModule):
         def denoise(x: torch.Tensor, t: torch.Tensor, with_uncond: bool) -> torch.Tensor:
             return self.denoise(x, t, both if with_uncond else conditional)
 
-        scheduler = sampling_scheduler(sampler or config.get("sampler", "dpmsolver++"), self.noise, steps, threshold)
+        scheduler = sampling_scheduler(sampler or config["sampler"], self.noise, steps, threshold)
         if noise is None:
             noise = torch.randn((n, 3, self.image_size, self.image_size), generator=generator, device=self.device)
         pin = None if known is None else self.pin_known(scheduler, *known, generator)
@@ -284,7 +230,7 @@ class DecoderModule(ImageDiffusionModule):
             "image_size": self.image_size,
             "embedding_dim": self.embedding_dim,
             "text_tokens": self.text_tokens,
-            "num_image_tokens": int(self.config.get("num_image_tokens", 4)),
+            "num_image_tokens": int(self.config["num_image_tokens"]),
             **self.sampling_defaults(),
         }
         (path / "decoder_config.json").write_text(json.dumps(config, indent=2))

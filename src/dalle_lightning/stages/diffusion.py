@@ -19,7 +19,6 @@ import torch
 from torch import nn
 from transformers import CLIPModel
 
-from dalle_lightning.callbacks import evaluation_epoch
 from dalle_lightning.diffusion.objectives import (
     check_timestep_sampling,
     diffusion_loss,
@@ -29,7 +28,7 @@ from dalle_lightning.diffusion.objectives import (
 from dalle_lightning.errors import UserError
 from dalle_lightning.export import read_manifest
 from dalle_lightning.metrics.image import frechet_distance
-from dalle_lightning.stages.base import StageModule
+from dalle_lightning.stages.base import StageModule, evaluation_epoch
 
 Condition = dict[str, torch.Tensor]
 
@@ -61,15 +60,15 @@ class ImageDiffusionModule(StageModule):
         self.metrics_config = dict(metrics or {})
         read_manifest(clip_export, "clip", "stage.clip_export")
         self.clip = CLIPModel.from_pretrained(clip_export).eval().requires_grad_(False)
-        self.noise = training_scheduler(
-            model.get("timesteps", 1000),
-            model.get("beta_schedule", "squaredcos_cap_v2"),
-            model.get("prediction_type", "epsilon"),
+        self.noise = training_scheduler(model["timesteps"], model["beta_schedule"], model["prediction_type"])
+        self.min_snr_gamma = model["min_snr_gamma"]
+        self.timestep_sampling = check_timestep_sampling(model["timestep_sampling"])
+        # logit_normal's (mean, std): only presets that sample so carry them
+        self.timestep_logit = (
+            (float(model["timestep_logit_mean"]), float(model["timestep_logit_std"]))
+            if self.timestep_sampling == "logit_normal"
+            else (0.0, 1.0)
         )
-        self.min_snr_gamma = model.get("min_snr_gamma", 5.0)
-        self.timestep_sampling = check_timestep_sampling(model.get("timestep_sampling", "uniform"))
-        # logit_normal's (mean, std)
-        self.timestep_logit = float(model.get("timestep_logit_mean", 0.0)), float(model.get("timestep_logit_std", 1.0))
         self.fd_name, fd = frechet_distance(self.clip, self.metrics_config.get("inception_weights"))
         self.image_metrics = nn.ModuleDict({"fd": fd, **self.extra_metrics()})
         self._metric_samples = 0
@@ -109,7 +108,7 @@ class ImageDiffusionModule(StageModule):
     # --- training ------------------------------------------------------------------------------------------
 
     def on_fit_start(self) -> None:
-        if self.device.type == "cuda" and self.config.get("channels_last", True):
+        if self.device.type == "cuda" and self.config["channels_last"]:
             self.unet.to(memory_format=torch.channels_last)
 
     def loss(
@@ -127,7 +126,7 @@ class ImageDiffusionModule(StageModule):
         )
         noise = torch.randn(x0.shape, device=x0.device, generator=generator)
         noisy = self.noise.add_noise(x0, noise, t)
-        if noisy.device.type == "cuda" and self.config.get("channels_last", True):
+        if noisy.device.type == "cuda" and self.config["channels_last"]:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
         prediction = self.denoise(noisy, t, condition)
         return diffusion_loss(prediction, self.noise, x0, noise, t, self.min_snr_gamma)

@@ -17,7 +17,6 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from diffusers import PriorTransformer
 from torch import nn
 from torchmetrics import MeanMetric
 from transformers import CLIPConfig, CLIPModel
@@ -27,6 +26,7 @@ from dalle_lightning.diffusion.sampling import guided_sample, sampling_scheduler
 from dalle_lightning.errors import UserError
 from dalle_lightning.export import read_manifest
 from dalle_lightning.models.clip import text_token_encodings
+from dalle_lightning.models.prior import build_prior
 from dalle_lightning.stages.base import StageModule
 
 VAL_METRICS = ("cos_sampled", "cos_text_baseline", "retrieval_acc")
@@ -56,7 +56,7 @@ class PriorModule(StageModule):
         read_manifest(clip_export, "clip", "stage.clip_export")
         clip_config = CLIPConfig.from_pretrained(clip_export)
         self.embedding_dim = clip_config.projection_dim
-        self.text_tokens = bool(model.get("text_tokens", True))
+        self.text_tokens = bool(model["text_tokens"])
         num_tokens = 0
         if self.text_tokens:
             if clip_config.text_config.hidden_size != self.embedding_dim:
@@ -67,23 +67,9 @@ class PriorModule(StageModule):
             # Frozen, and kept out of checkpoints and exports: it is the CLIP export's, loaded from there.
             self.text_encoder = CLIPModel.from_pretrained(clip_export).text_model.eval().requires_grad_(False)
             num_tokens = clip_config.text_config.max_position_embeddings
-        self.prior = PriorTransformer(
-            num_attention_heads=model["heads"],
-            attention_head_dim=model["head_dim"],
-            num_layers=model["depth"],
-            embedding_dim=self.embedding_dim,
-            num_embeddings=num_tokens,
-            additional_embeddings=4,
-            norm_in_type="layer",
-            encoder_hid_proj_type="linear" if self.text_tokens else None,
-            added_emb_type="prd",
-        )
-        for stat in (self.prior.clip_mean, self.prior.clip_std):
-            stat.requires_grad_(False)
-        self.noise = training_scheduler(
-            model.get("timesteps", 1000), prediction_type=model.get("prediction_type", "sample")
-        )
-        self.cond_drop_prob = float(model.get("cond_drop_prob", 0.2))
+        self.prior = build_prior(model, self.embedding_dim, num_tokens)
+        self.noise = training_scheduler(model["timesteps"], prediction_type=model["prediction_type"])
+        self.cond_drop_prob = float(model["cond_drop_prob"])
         self.val_metrics = nn.ModuleDict(
             {f"{name}{part}": MeanMetric() for name in VAL_METRICS for part in ("", "_heldout", "_seen")}
         )
@@ -112,7 +98,7 @@ class PriorModule(StageModule):
         embeddings = []
         for i, batch in enumerate(loader):
             embeddings.append(batch["img_emb"].float())
-            if i + 1 >= int(self.config.get("stats_batches", 20)):
+            if i + 1 >= int(self.config["stats_batches"]):
                 break
         local = torch.cat(embeddings).to(self.device)
         if local.shape[-1] != self.embedding_dim:
@@ -159,9 +145,9 @@ class PriorModule(StageModule):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """L2-normalised image embeddings for the batch's text condition (one per prompt, best of candidates)."""
-        steps = steps or int(self.config.get("sample_steps", 16))
-        guidance_scale = float(self.config.get("guidance_scale", 2.0) if guidance_scale is None else guidance_scale)
-        candidates = candidates or int(self.config.get("candidates", 2))
+        steps = steps or int(self.config["sample_steps"])
+        guidance_scale = float(self.config["guidance_scale"] if guidance_scale is None else guidance_scale)
+        candidates = candidates or int(self.config["candidates"])
         text_embedding, encodings, mask = self.text_condition(batch)
         repeat = lambda x: None if x is None else x.repeat_interleave(candidates, 0)  # noqa: E731
         text_embedding, encodings, mask = repeat(text_embedding), repeat(encodings), repeat(mask)
@@ -175,7 +161,7 @@ class PriorModule(StageModule):
             )
 
         noise = torch.randn(text_embedding.shape, generator=generator, device=self.device)
-        scheduler = sampling_scheduler(sampler or self.config.get("sampler", "dpmsolver++"), self.noise, steps)
+        scheduler = sampling_scheduler(sampler or self.config["sampler"], self.noise, steps)
         latents = guided_sample(denoise, noise, scheduler, guidance_scale, generator=generator)
         embeddings = F.normalize(self.prior.post_process_latents(latents), dim=-1)
         if candidates > 1:  # DALL-E 2: keep the candidate most similar to the text embedding
@@ -221,7 +207,7 @@ class PriorModule(StageModule):
                     "clip_export": str(self.hparams.clip_export),
                     "text_tokens": self.text_tokens,
                     "embedding_dim": self.embedding_dim,
-                    **{k: self.config.get(k) for k in ("sampler", "sample_steps", "guidance_scale", "candidates")},
+                    **{k: self.config[k] for k in ("sampler", "sample_steps", "guidance_scale", "candidates")},
                 },
                 indent=2,
             )

@@ -17,12 +17,12 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DModel
 from torch import nn
 from torchmetrics import MeanMetric
 
 from dalle_lightning.diffusion.sampling import guided_sample, sampling_scheduler
 from dalle_lightning.errors import UserError
+from dalle_lightning.models.upsampler import build_upsampler_unet
 from dalle_lightning.stages.diffusion import Condition, ImageDiffusionModule, first
 
 
@@ -69,16 +69,14 @@ class UpsamplerModule(ImageDiffusionModule):
                 f"model.upsampler.image_size={self.image_size} is not a multiple of low_res_size={self.low_res_size}"
             )
         self.factor = self.image_size // self.low_res_size
-        self.train_crop = model.get("train_crop")
+        self.train_crop = model["train_crop"]
         if self.train_crop and (self.train_crop > self.image_size or self.train_crop % self.factor):
             raise UserError(
                 f"model.upsampler.train_crop={self.train_crop}: use a multiple of {self.factor} up to {self.image_size}"
             )
-        self.blur_sigma = tuple(model.get("blur_sigma", (0.4, 0.6)))
-        self.noise_aug_max = float(model.get("noise_aug_max", 0.2))
-        self.unet = UNet2DModel(
-            sample_size=self.image_size, in_channels=6, out_channels=3, class_embed_type="timestep", **model["unet"]
-        )
+        self.blur_sigma = tuple(model["blur_sigma"])
+        self.noise_aug_max = float(model["noise_aug_max"])
+        self.unet = build_upsampler_unet(model)
 
     def extra_metrics(self) -> dict[str, nn.Module]:
         return {"psnr": MeanMetric(), "psnr_bicubic": MeanMetric()}
@@ -125,7 +123,7 @@ class UpsamplerModule(ImageDiffusionModule):
             aug_level = torch.randint(0, self.noise_level(self.noise_aug_max) + 1, (n,), device=self.device)
         else:  # validation: what sampling sees, a clean low-resolution image at the sampling noise level
             low = self.downsample(high)
-            aug_level = torch.full((n,), self.noise_level(self.config.get("sample_noise_aug", 0.0)), device=self.device)
+            aug_level = torch.full((n,), self.noise_level(self.config["sample_noise_aug"]), device=self.device)
         return high, self.condition(low, aug_level, generator)
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, condition: Condition) -> torch.Tensor:
@@ -151,14 +149,14 @@ class UpsamplerModule(ImageDiffusionModule):
         the conditioning noise level as a fraction of the schedule (0: trust the input as it is); `noise` the
         starting noise, when it should not come from `generator`."""
         config = self.config
-        steps = steps or int(config.get("sample_steps", 16))
-        noise_aug = float(config.get("sample_noise_aug", 0.0) if noise_aug is None else noise_aug)
-        threshold = config.get("dynamic_thresholding", 0.995) if dynamic_thresholding is None else dynamic_thresholding
+        steps = steps or int(config["sample_steps"])
+        noise_aug = float(config["sample_noise_aug"] if noise_aug is None else noise_aug)
+        threshold = config["dynamic_thresholding"] if dynamic_thresholding is None else dynamic_thresholding
         low_res = low_res.to(self.device).float()
         n, size = low_res.shape[0], low_res.shape[-1] * self.factor
         aug_level = torch.full((n,), self.noise_level(noise_aug), device=self.device)
         condition = self.condition(low_res, aug_level, generator)
-        scheduler = sampling_scheduler(sampler or config.get("sampler", "dpmsolver++"), self.noise, steps, threshold)
+        scheduler = sampling_scheduler(sampler or config["sampler"], self.noise, steps, threshold)
         if noise is None:
             noise = torch.randn((n, 3, size, size), generator=generator, device=self.device)
         denoise = lambda x, t, with_uncond: self.denoise(x, t, condition)  # noqa: E731 (no guidance: no text)
@@ -190,7 +188,7 @@ class UpsamplerModule(ImageDiffusionModule):
         config = {
             "image_size": self.image_size,
             "low_res_size": self.low_res_size,
-            "sample_noise_aug": float(self.config.get("sample_noise_aug", 0.0)),
+            "sample_noise_aug": float(self.config["sample_noise_aug"]),
             **self.sampling_defaults(),
         }
         (path / "upsampler_config.json").write_text(json.dumps(config, indent=2))

@@ -1,0 +1,79 @@
+"""The decoder's networks, built from `conf/model/decoder/*`: a diffusers `UNet2DConditionModel` that takes the
+CLIP image embedding through its timestep embedding (`class_embed_type="projection"`, as GLIDE and DALL-E 2),
+and `DecoderContext`, the cross-attention context: tokens projected from the image embedding (diffusers'
+`ImageProjection`, as Kandinsky 2.2) followed by the caption's CLIP token encodings."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import Attention
+from diffusers.models.embeddings import ImageProjection
+from torch import nn
+
+from dalle_lightning.errors import UserError
+
+# diffusers' UNet2DConditionModel reads `attention_head_dim` as the number of heads per block (its naming issue
+# #2011): heads narrower than this come from giving it a head width, as the name asks, not from a choice.
+MIN_HEAD_WIDTH = 8
+
+
+def build_decoder_unet(preset: Mapping[str, Any], embedding_dim: int) -> UNet2DConditionModel:
+    """The UNet at the preset's `image_size`, conditioned on `embedding_dim`-wide image embeddings."""
+    return UNet2DConditionModel(
+        sample_size=int(preset["image_size"]),
+        in_channels=3,
+        out_channels=3,
+        class_embed_type="projection",
+        projection_class_embeddings_input_dim=embedding_dim,
+        **preset["unet"],
+    )
+
+
+def check_attention_heads(unet: UNet2DConditionModel) -> None:
+    """A one-line error when an attention layer of `unet` has heads under `MIN_HEAD_WIDTH` channels."""
+    width, heads = min(
+        ((m.inner_dim // m.heads, m.heads) for m in unet.modules() if isinstance(m, Attention)),
+        default=(MIN_HEAD_WIDTH, 0),
+    )
+    if width < MIN_HEAD_WIDTH:
+        suggestion = [max(1, c // 32) for c in unet.config.block_out_channels]
+        raise UserError(
+            f"model.decoder.unet.attention_head_dim={unet.config.attention_head_dim} gives {heads} "
+            f"attention heads of {width} channels: diffusers reads attention_head_dim as the number of heads per "
+            f"block, so give heads per block, e.g. {suggestion} for heads of 32 channels"
+        )
+
+
+class DecoderContext(nn.Module):
+    """Cross-attention context: `num_image_tokens` tokens projected from the image embedding, then (when
+    `text_width` is given) the caption's token encodings projected to the UNet's attention width."""
+
+    def __init__(self, embedding_dim: int, width: int, num_image_tokens: int, text_width: int | None = None):
+        super().__init__()
+        self.image = ImageProjection(
+            image_embed_dim=embedding_dim, cross_attention_dim=width, num_image_text_embeds=num_image_tokens
+        )
+        self.text = nn.Sequential(nn.LayerNorm(text_width), nn.Linear(text_width, width)) if text_width else None
+
+    def forward(
+        self, image_embeds: torch.Tensor, text: torch.Tensor | None = None, text_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        tokens = self.image(image_embeds)
+        if self.text is None or text is None:
+            return tokens, None
+        mask = torch.cat([torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device), text_mask], 1)
+        return torch.cat([tokens, self.text(text)], 1), mask
+
+
+def build_decoder_context(preset: Mapping[str, Any], embedding_dim: int, text_width: int) -> DecoderContext:
+    """The context for the preset: image tokens, and the caption's tokens when `text_tokens` is set."""
+    return DecoderContext(
+        embedding_dim,
+        int(preset["unet"]["cross_attention_dim"]),
+        int(preset["num_image_tokens"]),
+        text_width if preset["text_tokens"] else None,
+    )
