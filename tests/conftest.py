@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 import dalle_lightning.resolvers  # noqa: F401
-from dalle_lightning.data import shapes
+from dalle_lightning.shapes import dataset as shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -51,6 +52,17 @@ def compose_config(overrides: list[str], tmp_path: Path, config_name: str = "tra
         cfg.paths.root_dir = str(tmp_path)
         cfg.paths.output_dir = str(tmp_path / "run")
     return cfg
+
+
+# The Fréchet distance of L2-normalised features (FD in CLIP space) is at most 4 from the means plus 2 from the
+# covariances' traces; two different image sets are never at exactly 0.
+FD_CLIP_RANGE = (1e-6, 6.0)
+
+
+def fd_clip_in_range(value: float) -> bool:
+    """Whether an FD-CLIP figure is finite, positive and within the bound of unit-norm features."""
+    value = float(value)
+    return math.isfinite(value) and FD_CLIP_RANGE[0] < value <= FD_CLIP_RANGE[1]
 
 
 def lines_starting(text: str, prefix: str = "error: ") -> list[str]:
@@ -117,7 +129,7 @@ FAST_CLIP = [
 
 def small_shapes(root: Path, **kwargs):
     """A ShapesDataModule over the session's small build (same parameters, so nothing is re-rendered)."""
-    from dalle_lightning.data.datamodule import ShapesDataModule
+    from dalle_lightning.shapes.datamodule import ShapesDataModule
 
     return ShapesDataModule(
         str(root),

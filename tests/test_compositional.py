@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dalle_lightning.data.shapes import KINDS, Scene, ShapeObject, render, sample_scene
-from dalle_lightning.metrics.compositional import (
+from dalle_lightning.shapes.dataset import KINDS, Scene, ShapeObject, render, sample_scene
+from dalle_lightning.shapes.oracle import (
     CATEGORIES,
     CompositionalAccuracy,
     PromptSpec,

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dalle_lightning.data import shapes
-from dalle_lightning.data.shapes import (
+from dalle_lightning.shapes import dataset as shapes
+from dalle_lightning.shapes.dataset import (
     COLOURS,
     HELDOUT_PAIRS,
     HELDOUT_RELATIONS,
@@ -367,7 +367,7 @@ def test_build_skips_identical_and_rebuilds_changed(tmp_path: Path) -> None:
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
     return subprocess.run(
-        [sys.executable, "-m", "dalle_lightning.data.shapes", *args],
+        [sys.executable, "-m", "dalle_lightning.shapes", *args],
         capture_output=True,
         text=True,
         env=env,

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from dalle_lightning.data import shapes
+from dalle_lightning.shapes import dataset as shapes
 from dalle_lightning.visualize import plot_training_curves, read_csv_log
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -86,47 +86,15 @@ def last_grid(run_dir: Path) -> str:
     return str(grids[-1]) if grids else ""
 
 
-def embed_shapes_val(model: Any, tokenizer: Any, data_dir: Path = SHAPES_DIR) -> dict[str, Any]:
-    """The Shapes val split (of the build at `data_dir`) through a CLIP (`load_clip_export`'s model and
-    tokenizer): the batches' tensors concatenated, their captions and metadata, and the image and text
-    embeddings (`image_emb`, `text_emb`)."""
-    from dalle_lightning.data.datamodule import ShapesDataModule
-    from dalle_lightning.models.clip import encode_images, encode_texts
-
-    manifest = json.loads((data_dir / "manifest.json").read_text())
-    dm = ShapesDataModule(
-        str(data_dir),
-        num_train=manifest["num_train"],
-        num_val=manifest["num_val"],
-        samples_per_shard=manifest["samples_per_shard"],
-        image_size=model.config.vision_config.image_size,
-        batch_size=250,
-        num_workers=0,
-        val_samples=manifest["num_val"],
-        tokenizer=tokenizer,
-    )
-    dm.setup("validate")
-    batches = [dm.on_after_batch_transfer(b, 0) for b in dm.val_dataloader()]
-    val: dict[str, Any] = {
-        k: torch.cat([b[k] for b in batches])
-        for k in ("image", "input_ids", "attention_mask", "group_id", "caption_id", "heldout")
-    }
-    val["caption"] = [c for b in batches for c in b["caption"]]
-    val["meta"] = [m for b in batches for m in b["meta"]]
-    with torch.no_grad():
-        val["image_emb"] = torch.cat([encode_images(model, x) for x in val["image"].split(250)])
-        val["text_emb"] = encode_texts(model, val["input_ids"], val["attention_mask"])
-    return val
-
-
 def evaluate_clip(export: Path, grid_path: Path, rows: int = 8, top: int = 5) -> dict[str, float]:
     """Held-out text→image R@1 by scene kind (single / count / relation; gallery: the whole val set), and a
     picture: held-out captions, each with the val images the trained CLIP ranks highest for it."""
     from dalle_lightning.export import load_clip_export
     from dalle_lightning.metrics.retrieval import RetrievalMetrics
+    from dalle_lightning.shapes.validation import embed_val_split
     from dalle_lightning.visualize import captioned_grid
 
-    cat = embed_shapes_val(*load_clip_export(export))
+    cat = embed_val_split(*load_clip_export(export), SHAPES_DIR)
     captions, images, texts = cat["caption"], cat["image_emb"], cat["text_emb"]
     kinds = [m.get("kind", "") for m in cat["meta"]]
     # Queries of each kind against the whole val gallery.

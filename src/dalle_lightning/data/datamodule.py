@@ -1,4 +1,4 @@
-"""LightningDataModules over webdataset shards: any img2dataset output, and the embedded Shapes set."""
+"""The LightningDataModule over webdataset shards: any img2dataset output (embed.py's embedding shards too)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import itertools
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -15,7 +14,6 @@ import webdataset as wds
 from lightning.pytorch.accelerators import CUDAAccelerator
 from torch.utils.data import DataLoader
 
-from dalle_lightning.data import shapes
 from dalle_lightning.data.shards import SampleDecoder, TrainStream, eval_pipeline, expand_shards
 from dalle_lightning.errors import UserError
 
@@ -204,36 +202,3 @@ class ShardDataModule(L.LightningDataModule):
         if "image" in batch and batch["image"].dtype == torch.uint8:
             batch["image"] = batch["image"].float().div_(127.5).sub_(1.0)
         return batch
-
-
-class ShapesDataModule(ShardDataModule):
-    """The embedded Shapes data set: rendered into real shards on first use, then read like any other."""
-
-    def __init__(
-        self,
-        root: str,
-        num_train: int = 20_000,
-        num_val: int = 1000,
-        render_size: int = 64,
-        render_seed: int = 0,
-        samples_per_shard: int = 1000,
-        **kwargs: Any,
-    ):
-        super().__init__(**kwargs)
-        self.root = Path(root)
-        self.build_args = dict(
-            num_train=num_train,
-            num_val=num_val,
-            size=render_size,
-            seed=render_seed,
-            samples_per_shard=samples_per_shard,
-        )
-
-    def prepare_data(self) -> None:
-        shapes.build(self.root, **self.build_args)
-
-    def setup(self, stage: str | None = None) -> None:
-        manifest = shapes.build(self.root, **self.build_args)  # instant when already built
-        self.train_shards = manifest["shards"]["train"]
-        self.val_shards = manifest["shards"]["val"]
-        super().setup(stage)

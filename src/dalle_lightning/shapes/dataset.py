@@ -25,7 +25,7 @@ downloads. Generation is deterministic: each sample has its own random generator
 
 Command line::
 
-    python -m dalle_lightning.data.shapes --out data/shapes --num-samples 20000
+    python -m dalle_lightning.shapes --out data/shapes --num-samples 20000
 """
 
 from __future__ import annotations
@@ -629,7 +629,7 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point: build the data set and print a one-line summary."""
-    parser = _Parser(prog="python -m dalle_lightning.data.shapes", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="python -m dalle_lightning.shapes", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--num-samples", required=True, type=_int_at_least(1), help="train samples")
     parser.add_argument("--num-val", type=_int_at_least(1), help="val samples (default: max(N // 10, 200))")
@@ -654,7 +654,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"in {Path(args.out).resolve()} ({state})"
     )
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

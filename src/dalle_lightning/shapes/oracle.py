@@ -10,8 +10,8 @@ the objects off the pixels and checks, category by category, what the caption as
 - ``relation``: (relation prompts only) the first object is left of / above the second;
 - ``all``: every category above, and each colour on the right shape (attribute binding).
 
-Results are split into seen and held-out combinations (:data:`~dalle_lightning.data.shapes.HELDOUT_PAIRS`,
-:data:`~dalle_lightning.data.shapes.HELDOUT_RELATIONS`), which is what tells generalisation from memorisation.
+Results are split into seen and held-out combinations (:data:`~dalle_lightning.shapes.dataset.HELDOUT_PAIRS`,
+:data:`~dalle_lightning.shapes.dataset.HELDOUT_RELATIONS`), which is what tells generalisation from memorisation.
 
 The pieces, top to bottom: :func:`parse_prompt` (caption -> :class:`PromptSpec`), :func:`read_objects`
 (image -> :class:`DetectedObject` list), :func:`score` (spec + objects -> per-category verdicts), and
@@ -34,7 +34,7 @@ from PIL import Image
 from scipy import ndimage
 from torchmetrics import Metric
 
-from dalle_lightning.data.shapes import (
+from dalle_lightning.shapes.dataset import (
     _NUMBER_WORDS,
     _RELATION_WORDS,
     COLOURS,
