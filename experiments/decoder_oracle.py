@@ -1,12 +1,11 @@
-#!/usr/bin/env python3
-"""What the decoder draws, read back by the compositional oracle (issues #5 and #6), without the upsampler.
+"""What the decoder draws, read back by the compositional oracle without the upsampler.
 
-The decoder's FD and CLIP score say how close its images are on the whole; the oracle (`metrics/compositional.py`)
+The decoder's FD and CLIP score say how close its images are on the whole; the oracle (`shapes/oracle.py`)
 says which part of a scene it gets wrong. For the first N Shapes validation images this script scores three sets
 of images at the decoder's size with the oracle against their captions:
 
   - `real`: the validation images themselves (the oracle's own accuracy at this size),
-  - `reconstruction`: the decoder from the CLIP image embeddings of those images (what #5's grid shows),
+  - `reconstruction`: the decoder from the CLIP image embeddings of those images (the training grids' rows),
   - `from_text`: the decoder from the prior's image embeddings for their captions (the chain without upsampler),
 
 each per category (colour, shape, count, relation, all) for seen and held-out combinations, the single-object
@@ -14,8 +13,8 @@ prompts apart, and writes a grid: per caption its val image, the reconstruction 
 Prints one JSON object on stdout (`--json PATH` also writes it).
 
 Examples:
-  python benchmarks/decoder_oracle.py                                    # the demo's exports, N=256 (~1 min)
-  python benchmarks/decoder_oracle.py --decoder /tmp/run/export/decoder --grid /tmp/run/oracle.png
+  python -m experiments.decoder_oracle                                 # the demo's exports, N=256 (~1 min)
+  python -m experiments.decoder_oracle --decoder /tmp/run/export/decoder --grid /tmp/run/oracle.png
 """
 
 from __future__ import annotations
@@ -30,9 +29,9 @@ from typing import Any
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
-from sampler_quality import load_validation
 
 from dalle_lightning.errors import report_user_errors
+from dalle_lightning.shapes.validation import read_val_split
 
 ROOT = Path(__file__).resolve().parents[1]
 SETS = ("real", "reconstruction", "from_text")
@@ -92,12 +91,12 @@ def load_pipeline(exports: str, decoder: str | None = None, threads: int = 2):
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
 
-    from dalle_lightning.metrics.compositional import CompositionalAccuracy
+    from dalle_lightning.shapes.oracle import CompositionalAccuracy
     from dalle_lightning.visualize import captioned_grid
 
     pipe, decoder_export = load_pipeline(args.exports, args.decoder, args.threads)
     size, bs = pipe.decoder.image_size, args.batch_size
-    data = load_validation(Path(args.data_root), size, args.num_samples, bs, pipe.tokenizer)
+    data = read_val_split(Path(args.data_root), size, args.num_samples, bs, pipe.tokenizer)
     captions = data["caption"]
     generator = pipe.generator(args.seed)
     images: dict[str, list[torch.Tensor]] = {"real": [data["image"]], "reconstruction": [], "from_text": []}

@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
-"""Few-step sampling quality: FD-CLIP of the decoder's reconstructions per sampler and step count (issue #8).
+"""Few-step sampling quality: FD-CLIP of the decoder's reconstructions per sampler and step count.
 
-The sampling target is "≥ 5× the peer's images/s at equal or better quality": our few-step sampler's FD-CLIP on
-Shapes within 5% of our own 50-step DDIM. This script measures exactly that on a trained decoder export:
+Whether a few-step sampler matches a many-step one: the FD-CLIP of each configuration against our own 50-step
+DDIM on Shapes, on a trained decoder export:
 
   1. N validation images of the Shapes shards (the split evaluate.py reads: `<data-root>/val/*.tar`, in order),
   2. their CLIP image embeddings (the CLIP export the decoder was trained on),
@@ -20,15 +19,13 @@ is also run from a second noise seed (`reference_seed2`), and FD between the two
 Prints one JSON object on stdout (`--json PATH` also writes it); a progress bar over configurations on stderr.
 
 Examples:
-  python benchmarks/sampler_quality.py                                   # the demo's exports, N=256
-  python benchmarks/sampler_quality.py --num-samples 512 --json outputs/sampler_quality.json
-  python benchmarks/sampler_quality.py --configs dpmsolver++:10,dpmsolver++:12 --second-seed -1
-  python benchmarks/sampler_quality.py --reference ddim:50:0 --configs "" --second-seed -1   # thresholding off
+  python -m experiments.sampler_quality                                 # the demo's exports, N=256
+  python -m experiments.sampler_quality --num-samples 512 --json outputs/sampler_quality.json
+  python -m experiments.sampler_quality --configs dpmsolver++:10,dpmsolver++:12 --second-seed -1
+  python -m experiments.sampler_quality --reference ddim:50:0 --configs "" --second-seed -1   # thresholding off
 
 A configuration is `sampler:steps[:thresholding]`; the third field overrides the export's dynamic thresholding
-percentile (0: off). Before 21b4d47 it mattered for DDIM: DDIM stepped with the model's noise estimate after
-thresholding had changed x0, and the demo decoder's DDIM-50 images lost contrast (CLIP score about half of
-DPM-Solver++'s); now DDIM-50 gives the same FD with thresholding on and off (benchmarks/README.md).
+percentile (0: off).
 """
 
 from __future__ import annotations
@@ -49,6 +46,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dalle_lightning.errors import report_user_errors
+from dalle_lightning.shapes.validation import read_val_split
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS = "dpmsolver++:8,dpmsolver++:10,dpmsolver++:12,dpmsolver++:16,ddim:8,ddim:10,ddim:12,ddim:16"
@@ -104,44 +102,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def load_validation(data_root: Path, image_size: int, num_samples: int, batch_size: int, tokenizer) -> dict:
-    """The first `num_samples` validation images (in [-1, 1], at the decoder's size) and their caption tokens, read
-    as evaluate.py reads them (the data module's validation loader, in shard order). Only existing shards are read:
-    nothing is rendered."""
-    from dalle_lightning.data.datamodule import ShardDataModule
-    from dalle_lightning.errors import UserError
-
-    shards = sorted(str(p) for p in (data_root / "val").glob("*.tar"))
-    if not shards:
-        raise UserError(
-            f"no validation shards under {data_root}/val: build Shapes first "
-            f"(python -m dalle_lightning.data.shapes --out {data_root} --num-samples 20000) or give --data-root"
-        )
-    dm = ShardDataModule(
-        val_shards=shards,
-        image_size=image_size,
-        batch_size=batch_size,
-        num_workers=0,
-        val_samples=num_samples,
-        tokenizer=tokenizer,
-    )
-    dm.setup("validate")
-    parts: dict[str, list[Any]] = {"image": [], "input_ids": [], "attention_mask": [], "caption": []}
-    count = 0
-    for batch in dm.val_dataloader():
-        batch = dm.on_after_batch_transfer(batch, 0)
-        for key in parts:
-            parts[key].append(batch[key])
-        count += len(batch["caption"])
-        if count >= num_samples:
-            break
-    if count < num_samples:
-        raise UserError(f"{data_root}/val holds {count} readable samples, fewer than --num-samples={num_samples}")
-    out = {k: torch.cat(v)[:num_samples] for k, v in parts.items() if k != "caption"}
-    out["caption"] = [c for part in parts["caption"] for c in part][:num_samples]
-    return out
-
-
 def fd_metric(clip, reset_real: bool = False):
     """The project's Fréchet distance (`fd_clip` here: no Inception weights are looked up). The real side is
     kept across `reset()` so each configuration only adds its samples."""
@@ -175,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     clip, tokenizer = load_clip_export(args.clip, "--clip")
     clip = clip.to(device)
     decoder = load_stage_export(args.decoder, "decoder", clip_export=args.clip, option="--decoder").to(device)
-    data = load_validation(Path(args.data_root), decoder.image_size, args.num_samples, args.batch_size, tokenizer)
+    data = read_val_split(Path(args.data_root), decoder.image_size, args.num_samples, args.batch_size, tokenizer)
     n, size, bs = args.num_samples, decoder.image_size, args.batch_size
     real = data["image"]
     with torch.no_grad():

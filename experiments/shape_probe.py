@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Does a CLIP export see shape apart from colour? Linear probes on Shapes, seen vs held-out colour-shape pairs.
 
 Held-out retrieval and the chain's held-out prompts need the CLIP to know a red circle is a circle although it
@@ -23,7 +22,7 @@ red circle), so where the embedding also carries colour, "red" is evidence again
 held-out pair even if the shape is encoded apart. `colour_removed` repeats the probe after projecting out the
 directions of the per-colour means of the training embeddings, so that only what is left of shape is scored.
 
-Prints one JSON object. Example: python benchmarks/shape_probe.py --clip-export outputs/demo/export/clip
+Prints one JSON object. Example: python -m experiments.shape_probe --clip-export outputs/demo/export/clip
 """
 
 from __future__ import annotations
@@ -38,12 +37,12 @@ import torch.nn.functional as F
 import webdataset as wds
 
 from dalle_lightning.data.decode import decode_caption, decode_image, decode_json
-from dalle_lightning.data.shapes import COLOURS, SHAPES
 from dalle_lightning.data.shards import expand_shards
 from dalle_lightning.errors import report_user_errors
 from dalle_lightning.export import load_clip_export
 from dalle_lightning.models.clip import encode_images, encode_texts
 from dalle_lightning.models.tokenizer import tokenize_prompts
+from dalle_lightning.shapes.dataset import COLOURS, SHAPES
 
 
 class Scenes(NamedTuple):

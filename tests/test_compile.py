@@ -116,7 +116,7 @@ def test_train_py_with_compile_trains_checkpoints_and_exports_as_eager(tmp_path,
     assert "gradient checkpointing: unet" in result.stdout + result.stderr
     run = tmp_path / "outputs" / "upsampler" / "runs" / "run"
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["val/psnr"] > 0 and metrics["train/nonfinite_steps"] == 0
+    assert 0 < metrics["val/psnr"] < 100 and metrics["train/nonfinite_steps"] == 0
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert any(k.startswith("unet.") for k in checkpoint["state_dict"])
     assert not any("_orig_mod" in k for k in checkpoint["state_dict"])

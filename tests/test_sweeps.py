@@ -3,7 +3,6 @@ the sweeper, and a real two-trial sweep of the tiny CLIP that is then resumed.""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import struct
@@ -13,7 +12,8 @@ import pytest
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from conftest import FAST_CLIP, ROOT, compose_config, run_train, shapes_overrides, write_stage_export
+from conftest import FAST_CLIP, compose_config, run_train, shapes_overrides, write_stage_export
+from dalle_lightning.sweeps import ObjectiveError, objective
 
 STAGES = ["clip", "prior", "decoder", "upsampler"]
 
@@ -70,16 +70,7 @@ def test_widest_point_of_each_search_space_builds_the_stage(stage, tmp_path, tin
         assert (export / "dalle_lightning.json").is_file()
 
 
-def _objective():
-    """train.py's `objective` (a root script, not a package module)."""
-    spec = importlib.util.spec_from_file_location("train_entry", ROOT / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.objective, module.ObjectiveError
-
-
 def test_objective_fails_a_trial_without_a_finite_value_only_under_optuna(tmp_path):
-    objective, ObjectiveError = _objective()
     metrics = {"val/t2i_r1": 0.25, "val/loss": float("nan"), "val/inf": float("inf")}
     compose_config(["hparams_search=clip_optuna"], tmp_path)
     assert objective(metrics, "val/t2i_r1") == 0.25
