@@ -8,7 +8,7 @@ Generates one image per prompt (the captions of the validation shards, or a prom
 - the CLIP score of the generated images with their prompts, and of the real images with theirs (the
   ceiling to read the first against), on the pipeline's CLIP or on `scorer_clip` (a fixed reference CLIP, so
   that stacks with different CLIPs can be compared: a better-trained CLIP is also a stricter judge);
-- on Shapes prompts, compositional accuracy: the oracle of `metrics/compositional.py` reads the objects back
+- on Shapes prompts, compositional accuracy: the oracle of `shapes/oracle.py` reads the objects back
   and checks colour, shape, count and relation, seen vs held-out combinations.
 
 Writes `report.json`, `grid.png` (prompt | generated | real) and `samples.json` (per-image scores) to the
@@ -29,11 +29,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from transformers import CLIPModel, PreTrainedTokenizerBase
 
 from dalle_lightning.errors import UserError
-from dalle_lightning.metrics.compositional import CompositionalAccuracy, judge, parse_prompt
+from dalle_lightning.generation import build_pipeline, read_prompts, wandb_run
 from dalle_lightning.metrics.image import clip_scores, frechet_distance
 from dalle_lightning.models.tokenizer import load_tokenizer, tokenize_prompts
 from dalle_lightning.pipeline import UnCLIPPipeline
-from dalle_lightning.sample import build_pipeline, read_prompts, wandb_run
+from dalle_lightning.shapes.oracle import CompositionalAccuracy, judge, parse_prompt
 from dalle_lightning.visualize import captioned_grid, to_pil
 
 log = logging.getLogger(__name__)

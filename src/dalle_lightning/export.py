@@ -124,3 +124,12 @@ def load_clip_export(path: str | Path, option: str = "stage.clip_export"):
     read_manifest(path, "clip", option)
     model = CLIPModel.from_pretrained(str(path)).eval()
     return model, load_tokenizer(path)
+
+
+def tokenizer_from_export(datamodule: object, clip_export: str | Path):
+    """The tokenizer a CLIP export was trained with: the stages after CLIP caption with it. (A stage's tokenizer
+    factory is called with the datamodule; this one needs nothing from it.)"""
+    from dalle_lightning.models.tokenizer import load_tokenizer
+
+    read_manifest(clip_export, "clip", "stage.clip_export")
+    return load_tokenizer(clip_export)

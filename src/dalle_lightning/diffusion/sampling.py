@@ -22,8 +22,7 @@ def sampling_scheduler(name: str, train: DDPMScheduler, steps: int, dynamic_thre
     """A sampler named `name` over the training schedule's betas, set to `steps` steps. `dynamic_thresholding`
     (a percentile such as 0.995; falsy: off) turns on diffusers' thresholding of each predicted x0 with Imagen's
     s (that percentile of |x0|) capped at 1 (`sample_max_value`, images in [-1, 1]): x0 is clipped to [-1, 1] at
-    every step. Uncapped, s > 1 divides the whole x0 and greys the black Shapes background (demo decoder, 256 val
-    reconstructions: background -0.92 instead of -0.98 at guidance 1.5, count 0.48 instead of 0.55)."""
+    every step. Uncapped, s > 1 divides the whole x0 and greys a black background (docs/experiments.md)."""
     if name not in SAMPLERS:
         raise UserError(f"sampler '{name}' is unknown: use one of {', '.join(SAMPLERS)}")
     thresholding = {}
@@ -49,7 +48,7 @@ def guided_sample(
     x = noise * scheduler.init_noise_sigma
     guide = guidance_scale != 1.0
     # DDIM's default steps with the model's own noise estimate even when thresholding has changed its x0, so the
-    # sample drifts from what the thresholded x0 implies: at 50 steps the demo decoder lost its colours (0.72 → 0.19).
+    # sample drifts from what the thresholded x0 implies (at 50 steps the colours wash out: docs/experiments.md).
     options = {"use_clipped_model_output": True} if isinstance(scheduler, DDIMScheduler) else {}
     for i, t in enumerate(tqdm(scheduler.timesteps, disable=not progress, desc="sampling", leave=False)):
         model_input = scheduler.scale_model_input(x, t)

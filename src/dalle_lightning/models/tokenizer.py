@@ -93,12 +93,3 @@ def load_or_train_tokenizer(
         tokenizer = train_bpe(texts, vocab_size, context_length)
     tokenizer.save_pretrained(str(save_dir))
     return tokenizer
-
-
-def tokenizer_from_export(datamodule: CaptionSource | None, clip_export: str | Path) -> PreTrainedTokenizerBase:
-    """The tokenizer a CLIP export was trained with: the stages after CLIP caption with it. (A stage's
-    tokenizer factory takes the datamodule; this one needs nothing from it.)"""
-    from dalle_lightning.export import read_manifest
-
-    read_manifest(clip_export, "clip", "stage.clip_export")
-    return load_tokenizer(clip_export)
