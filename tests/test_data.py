@@ -169,6 +169,32 @@ def test_pattern_matching_nothing_is_a_one_line_error(tmp_path):
     assert "data.train_shards" in message and "nope-{000..009}.tar" in message and "\n" not in message
 
 
+def test_a_glob_over_img2dataset_output_reads_the_tars_only(tmp_path, caplog):
+    """img2dataset writes `.parquet` and `_stats.json` sidecars beside its shards: a glob over the folder reads
+    the tar shards and leaves the sidecars out (logged), not counting them as bad shards; a sidecar named
+    outright, or a glob that matches no tar, is a one-line error."""
+    for i in range(2):
+        write_tar(tmp_path / f"{i:05d}.tar", {**good(f"k{i}a"), **good(f"k{i}b")})
+        (tmp_path / f"{i:05d}.parquet").write_bytes(b"PAR1 not a tar")
+        (tmp_path / f"{i:05d}_stats.json").write_text('{"count": 2}')
+    with caplog.at_level("INFO", logger="dalle_lightning.data.shards"):
+        urls = expand_shards(str(tmp_path / "*"), "data.val_shards")
+    assert urls == [str(tmp_path / "00000.tar"), str(tmp_path / "00001.tar")]
+    assert "matches 4 files that are not tar shards, left out: 00000.parquet, 00000_stats.json" in caplog.text
+    dm = ShardDataModule(val_shards=str(tmp_path / "*"), image_size=32, num_workers=0, val_samples=None)
+    dm.setup("validate")
+    batches = list(dm.val_dataloader())
+    assert sum(len(b["key"]) for b in batches) == 4
+    assert all(not b["skipped"] for b in batches), [b["skipped"] for b in batches]
+
+    with pytest.raises(UserError, match=r"00000\.parquet' is not a tar shard") as err:
+        expand_shards([str(tmp_path / "00000.tar"), str(tmp_path / "00000.parquet")], "data.train_shards")
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match=r"'.*\*\.json' matches no tar file, only 2 other files") as err:
+        expand_shards(str(tmp_path / "*.json"), "data.train_shards")
+    assert "\n" not in str(err.value)
+
+
 # --- pipelines over bad shards ---------------------------------------------------------------------------
 
 

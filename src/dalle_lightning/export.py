@@ -74,7 +74,12 @@ def read_manifest(path: str | Path, stage: str, option: str) -> dict[str, Any]:
             f"{option}='{path}' is not {_article(stage)} {stage} export (no {MANIFEST}): "
             f"train with stage={stage} first, or point {option} at its export folder"
         )
-    info = json.loads(manifest.read_text())
+    try:
+        info = json.loads(manifest.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{option}='{path}': {MANIFEST} is not valid JSON ({err}): export the stage again") from err
+    if not isinstance(info, dict):
+        raise UserError(f"{option}='{path}': {MANIFEST} is not a JSON object: export the stage again")
     if info.get("stage") != stage:
         found = info.get("stage")
         raise UserError(f"{option}='{path}' is {_article(found)} {found} export, not {_article(stage)} {stage} export")
@@ -89,24 +94,97 @@ def check_exports(exports: Mapping[str, str | Path | None], option_prefix: str =
             read_manifest(path, stage, f"{option_prefix}{stage}")
 
 
+# Hydra's flags in the training config a manifest records: inert here, nothing is instantiated.
+_HYDRA_FLAGS = ("_recursive_", "_convert_", "_partial_")
+# Read by training only (the optimizer and its schedule): never used to rebuild a stage, so not read.
+_TRAINING_ONLY = ("optim", "scheduler")
+
+
+def _stage_classes() -> dict[str, type]:
+    """The classes an export is rebuilt with, by stage name: ours only, never one a manifest names."""
+    from dalle_lightning.stages.decoder import DecoderModule
+    from dalle_lightning.stages.prior import PriorModule
+    from dalle_lightning.stages.upsampler import UpsamplerModule
+
+    return {"prior": PriorModule, "decoder": DecoderModule, "upsampler": UpsamplerModule}
+
+
+def _check_plain(value: Any, where: str, refuse: Callable[[str], UserError]) -> None:
+    """`value` (read from JSON) holds no Hydra keys (`_target_`, `_args_`, ...) at any depth."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key.startswith("_") and key.endswith("_"):
+                raise refuse(f"{where}.{key}: a manifest holds plain values, not objects to build")
+            _check_plain(item, f"{where}.{key}", refuse)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_plain(item, f"{where}[{index}]", refuse)
+
+
+def _stage_arguments(info: Mapping[str, Any], stage: str, refuse: Callable[[str], UserError]) -> dict[str, Any]:
+    """The keyword arguments that rebuild a stage's module from its manifest, read as data: the values of
+    `config.stage.module` that the stage's class takes (model, clip_export, embeddings, metrics), each checked to
+    be plain JSON with no Hydra keys. A `_target_` there may only name the stage's own class; anything else
+    (another callable, nested objects, keys the class does not take) is refused with `refuse(problem)`."""
+    import inspect
+
+    cls = _stage_classes()[stage]
+    config = info.get("config")
+    stage_config = config.get("stage") if isinstance(config, dict) else None
+    module_config = stage_config.get("module") if isinstance(stage_config, dict) else None
+    if not isinstance(module_config, dict) or not module_config:
+        raise refuse("it holds no training config (config.stage.module)")
+    takes = set(inspect.signature(cls).parameters) - {"tokenizer", *_TRAINING_ONLY}
+    arguments: dict[str, Any] = {}
+    for key, value in module_config.items():
+        where = f"config.stage.module.{key}"
+        if key == "_target_":
+            # Manifests record the class the stage was trained with: its name is compared, never imported.
+            if not isinstance(value, str) or value.rsplit(".", 1)[-1] != cls.__name__:
+                raise refuse(f"{where} names {value!r}: a {stage} export is built with {cls.__name__} only")
+        elif key in _HYDRA_FLAGS:
+            continue
+        elif key in _TRAINING_ONLY:
+            if value is not None and not isinstance(value, dict):
+                raise refuse(f"{where} is not a mapping")
+            # Its own `_target_` (the optimizer's name) is an inert string, never read; nothing below it may build.
+            _check_plain({k: v for k, v in (value or {}).items() if k not in ("_target_", "_partial_")}, where, refuse)
+        elif key in takes:
+            _check_plain(value, where, refuse)
+            arguments[key] = value
+        else:
+            raise refuse(f"{where} is not an argument of {cls.__name__}")
+    if not isinstance(arguments.get("model"), dict):
+        raise refuse("config.stage.module.model is missing or not a mapping")
+    return arguments
+
+
 def load_stage_export(path: str | Path, stage: str, clip_export: str | Path | None = None, option: str | None = None):
     """A trained stage module (prior, decoder, upsampler) rebuilt from its export, in eval mode.
 
-    The module is built as its manifest's training config says (`stage.module`), so sampling uses exactly
-    the code and defaults it was trained with; then the exported weights are loaded from safetensors
-    (`module.export_weights`: submodule → file). `clip_export` replaces the CLIP export the stage was
-    trained against (e.g. when exports were moved).
+    The module is our own class for `stage`, built with the values its manifest's training config recorded
+    (`stage.module`: the model preset, the CLIP export, ...) read as plain data (`_stage_arguments`), so sampling
+    uses exactly the settings it was trained with; nothing named in the file is imported or called. Then the
+    exported weights are loaded from safetensors (`module.export_weights`: submodule → file). `clip_export`
+    replaces the CLIP export the stage was trained against (e.g. when exports were moved).
     """
-    from hydra.utils import instantiate
     from safetensors.torch import load_model
 
     option = option or f"{stage} export"
     info = read_manifest(path, stage, option)
-    module_config = ((info.get("config") or {}).get("stage") or {}).get("module")
-    if not module_config:
-        raise UserError(f"{option}='{path}' holds no training config: export it again with train.py stage={stage}")
-    overrides = {"clip_export": str(clip_export)} if clip_export is not None else {}
-    module = instantiate(module_config, tokenizer=None, **overrides, _convert_="all")
+
+    def refuse(problem: str) -> UserError:
+        return UserError(f"{option}='{path}' cannot be loaded: {problem}; export it again with train.py stage={stage}")
+
+    arguments = _stage_arguments(info, stage, refuse)
+    if clip_export is not None:
+        arguments["clip_export"] = str(clip_export)
+    try:
+        # The optimizer is never built for sampling: an empty config stands in for it.
+        module = _stage_classes()[stage](optim={}, tokenizer=None, **arguments)
+    except (TypeError, ValueError, KeyError) as err:  # a preset this code cannot build (a value of the wrong kind)
+        message = " ".join(str(err).split())[:200]
+        raise refuse(f"its model config does not build ({type(err).__name__}: {message})") from err
     for name, file in module.export_weights.items():
         weights = Path(path) / file
         if not weights.is_file():

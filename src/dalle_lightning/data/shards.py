@@ -40,11 +40,17 @@ log = logging.getLogger(__name__)
 _REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "gcs://", "ais://", "hf://")
 
 
+# What webdataset reads as a shard: a tar, plain or compressed (tarfile's "r|*").
+TAR_SUFFIXES = (".tar", ".tgz", ".tar.gz", ".tar.bz2", ".tar.xz")
+
+
 def expand_shards(spec: str | Sequence[str], name: str = "shards") -> list[str]:
     """Expand a shard source spec into a list of URLs; local paths must exist.
 
     A pattern that matches no file is a `UserError` naming it. Missing files among existing ones (failed
-    img2dataset shards) are dropped with a warning.
+    img2dataset shards) are dropped with a warning. A glob keeps only tar files (`TAR_SUFFIXES`), so that
+    `/data/*` over img2dataset's output skips its `.parquet` and `_stats.json` sidecars (logged); a file named
+    outright (a path or a brace pattern) that is not a tar is a `UserError`.
     """
     if spec is None or (isinstance(spec, str) and not spec.strip()):
         raise UserError(f"{name} is empty: set it to a shard pattern, e.g. {name}='shards/{{00000..00009}}.tar'")
@@ -56,13 +62,36 @@ def expand_shards(spec: str | Sequence[str], name: str = "shards") -> list[str]:
             urls.extend(expanded)
             continue
         local: list[str] = []
+        left_out: list[str] = []
         for path in expanded:
             path = os.path.expanduser(path.removeprefix("file:"))
-            local.extend(sorted(glob.glob(path)) if glob.has_magic(path) else [path])
+            if not glob.has_magic(path):
+                local.append(path)
+                continue
+            for match in sorted(glob.glob(path)):
+                (local if match.endswith(TAR_SUFFIXES) else left_out).append(match)
+        if left_out:
+            examples = ", ".join(os.path.basename(p) for p in left_out[:3]) + (", ..." if len(left_out) > 3 else "")
+            log.info(
+                "%s: '%s' matches %d files that are not tar shards, left out: %s",
+                name,
+                pattern,
+                len(left_out),
+                examples,
+            )
         present = [p for p in local if os.path.isfile(p)]
         if not present:
             example = f" (first: '{local[0]}')" if local else ""
-            raise UserError(f"{name}: '{pattern}' matches no file{example}; check the path and the brace range")
+            other = f", only {len(left_out)} other files ('{left_out[0]}', ...)" if left_out else ""
+            raise UserError(
+                f"{name}: '{pattern}' matches no {'tar ' if left_out else ''}file{example}{other}; "
+                "check the path and the brace range"
+            )
+        if not_tar := [p for p in present if not p.endswith(TAR_SUFFIXES)]:
+            raise UserError(
+                f"{name}: '{not_tar[0]}' is not a tar shard (shards end in {', '.join(TAR_SUFFIXES)}): name the "
+                "shards only, e.g. '/data/{00000..00099}.tar' or '/data/*.tar'"
+            )
         if len(present) < len(local):
             log.warning(
                 "%s: %d of %d shards of '%s' are missing; using the rest",

@@ -8,7 +8,9 @@ image encoder ("FD in CLIP space"); the name it is logged under says which.
 from __future__ import annotations
 
 import importlib.util
+import io
 import logging
+import pickle
 from pathlib import Path
 
 import torch
@@ -17,6 +19,7 @@ from torchmetrics import Metric
 from torchmetrics.image.fid import FrechetInceptionDistance
 from transformers import CLIPModel
 
+from dalle_lightning.errors import UserError
 from dalle_lightning.models.clip import encode_images, encode_texts
 
 log = logging.getLogger(__name__)
@@ -44,20 +47,48 @@ class ClipImageFeatures(nn.Module):
 
 def frechet_distance(clip: CLIPModel, inception_weights: str | Path | None = None) -> tuple[str, Metric]:
     """(metric name, metric): `fid_inception` when the Inception weights file exists and torch-fidelity is
-    installed, else `fd_clip` on the CLIP's image embeddings. Both take images in [-1, 1] (`update(x, real)`)."""
+    installed, else `fd_clip` on the CLIP's image embeddings. Both take images in [-1, 1] (`update(x, real)`).
+    A weights file named here is checked to hold only tensors even without torch-fidelity."""
     weights = Path(inception_weights) if inception_weights else default_inception_weights()
-    if weights.is_file() and importlib.util.find_spec("torch_fidelity") is not None:
-        return "fid_inception", _InceptionFID(str(weights))
-    if inception_weights and not weights.is_file():
+    has_fidelity = importlib.util.find_spec("torch_fidelity") is not None
+    if weights.is_file() and (has_fidelity or inception_weights):
+        state_dict = inception_state_dict(weights)
+        if has_fidelity:
+            return "fid_inception", _InceptionFID(state_dict)
+        log.warning("inception_weights without torch-fidelity installed: Fréchet distance in CLIP space (val/fd_clip)")
+    elif inception_weights:
         log.warning("no Inception weights at %s: Fréchet distance in CLIP space instead (val/fd_clip)", weights)
     return "fd_clip", FrechetInceptionDistance(feature=ClipImageFeatures(clip), sync_on_compute=True)
 
 
-class _InceptionFID(FrechetInceptionDistance):
-    """torchmetrics' FID on images in [-1, 1] (it wants [0, 1] with `normalize=True`)."""
+def inception_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """torch-fidelity's Inception weights, loaded without unpickling anything but tensors."""
+    fix = f"use torch-fidelity's {INCEPTION_WEIGHTS}"
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UserError(f"inception_weights='{path}' holds pickled objects, not only tensors: refused; {fix}") from err
+    except (RuntimeError, OSError, EOFError, ValueError) as err:
+        reason = " ".join(str(err).split())[:160]
+        raise UserError(f"inception_weights='{path}' is not a weights file ({reason}); {fix}") from err
+    if not isinstance(state_dict, dict) or not all(torch.is_tensor(v) for v in state_dict.values()):
+        raise UserError(f"inception_weights='{path}' holds no state dict of tensors; {fix}")
+    return state_dict
 
-    def __init__(self, weights_path: str):
-        super().__init__(feature=2048, normalize=True, feature_extractor_weights_path=weights_path)
+
+class _InceptionFID(FrechetInceptionDistance):
+    """torchmetrics' FID on images in [-1, 1] (it wants [0, 1] with `normalize=True`), over torch-fidelity's
+    Inception with weights already checked (`inception_state_dict`).
+
+    torch-fidelity loads the weights it is given with `torch.load(path, weights_only=False)`, which would run
+    whatever a pickle holds; it is given an in-memory copy of the checked tensors instead (torch.load takes a
+    file object), whose pickle holds nothing but them."""
+
+    def __init__(self, state_dict: dict[str, torch.Tensor]):
+        checked = io.BytesIO()
+        torch.save(state_dict, checked)
+        checked.seek(0)
+        super().__init__(feature=2048, normalize=True, feature_extractor_weights_path=checked)
 
     def update(self, imgs: torch.Tensor, real: bool) -> None:
         super().update(((imgs.float() + 1) / 2).clamp(0, 1), real)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 import random
 from collections import Counter
 from collections.abc import Mapping
@@ -15,6 +17,8 @@ from hydra.utils import instantiate
 
 from dalle_lightning.data.decode import SKIP_REASONS
 from dalle_lightning.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def warmup_cosine(
@@ -50,6 +54,15 @@ def rng_states() -> dict[str, Any]:
         "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
         "python": random.getstate(),
     }
+
+
+def seed_rank(seed: int, rank: int) -> None:
+    """Seed torch's (CPU and CUDA), numpy's and Python's global generators for global rank `rank`, with a 32-bit
+    seed derived from (seed, rank)."""
+    derived = int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+    torch.manual_seed(derived)
+    np.random.seed(derived)
+    random.seed(derived)
 
 
 def set_rng_states(states: Mapping[str, Any]) -> None:
@@ -128,6 +141,15 @@ class StageModule(L.LightningModule):
         scheduler = instantiate(self.scheduler_config)(optimizer, total_steps=total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    # Every process built the module from the same seed, so the weights start equal on every rank; from here each
+    # rank draws its own diffusion timesteps, noise and dropout masks, or N ranks would repeat one rank's draws.
+    # Rank zero keeps the stream it has (that of a run of one process), every other rank gets one of its own.
+    # Resumed runs too: the checkpoint then puts back each rank's saved state (on_load_checkpoint).
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.global_rank > 0:
+            # The seed train.py gave seed_everything (Lightning's DDP resets every rank to it before `setup`).
+            seed_rank(int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed())), self.global_rank)
+
     # Batches carry the counts of samples their worker skipped; collect them, log totals per epoch.
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._rng_to_restore is not None:
@@ -156,10 +178,17 @@ class StageModule(L.LightningModule):
     # WeightAveraging keeps in `current_model_state`) and filled back in from the loaded export on restore.
     _STATE_KEYS = ("state_dict", "current_model_state")
 
-    # The random number generators (diffusion timesteps and noise, dropout) travel with the checkpoint, so that
-    # a resumed run draws the numbers the uninterrupted run would have drawn.
+    # The random number generators (diffusion timesteps and noise, dropout) of every rank travel with the
+    # checkpoint (a list by global rank), so that a resumed run draws the numbers the uninterrupted run would have
+    # drawn. Every rank saves (Lightning's save_checkpoint runs this hook everywhere, rank zero writes the file).
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["rng_states"] = rng_states()
+        states = rng_states()
+        if self._trainer is not None and self.trainer.world_size > 1 and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(gathered, states)
+            checkpoint["rng_states"] = gathered
+        else:
+            checkpoint["rng_states"] = [states]
         if not self.frozen_prefixes:
             return
         for key in self._STATE_KEYS:
@@ -167,10 +196,26 @@ class StageModule(L.LightningModule):
                 checkpoint[key] = {k: v for k, v in checkpoint[key].items() if not k.startswith(self.frozen_prefixes)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._rng_to_restore = checkpoint.get("rng_states")
+        self._rng_to_restore = self._own_rng_states(checkpoint.get("rng_states"))
         if not self.frozen_prefixes:
             return
         frozen = {k: v for k, v in self.state_dict().items() if k.startswith(self.frozen_prefixes)}
         for key in self._STATE_KEYS:
             if key in checkpoint:
                 checkpoint[key] = {**frozen, **checkpoint[key]}
+
+    def _own_rng_states(self, saved: Any) -> dict[str, Any] | None:
+        """This rank's states among those a checkpoint saved (one dict: a checkpoint of rank zero's alone)."""
+        saved = [saved] if isinstance(saved, Mapping) else list(saved or [])
+        rank = self.global_rank
+        if rank < len(saved):
+            return saved[rank]
+        if rank == len(saved) > 0:  # warned once, by the first rank without a state
+            log.warning(
+                "the checkpoint holds the random states of %d rank(s), this run has %d: ranks from %d on draw "
+                "fresh numbers (seeded by rank), so the resumed run is not an exact continuation",
+                len(saved),
+                self.trainer.world_size,
+                len(saved),
+            )
+        return None
