@@ -247,7 +247,14 @@ def one_thread():
 # The modules that take longest (seconds of one worker, `--durations=0` on 2 cores), scheduled first: pytest-xdist
 # hands whole modules (`--dist loadfile`) to the workers in collection order, and alphabetical order left
 # test_train.py (~200 s) for the end, with the other worker idle behind it.
-SLOW_MODULES = ("test_train.py", "test_preemption.py", "test_configs.py", "test_resume.py", "test_sweeps.py")
+SLOW_MODULES = (
+    "test_train.py",
+    "test_preemption.py",
+    "test_ranks.py",
+    "test_configs.py",
+    "test_resume.py",
+    "test_sweeps.py",
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

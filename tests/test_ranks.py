@@ -71,7 +71,6 @@ def _args(tmp: Path, shapes_root: Path, clip_export: Path, name: str) -> list[st
         f"stage.clip_export={clip_export}",
         *shapes_overrides(shapes_root),
         "trainer=cpu",
-        "trainer.strategy=ddp",
         f"trainer.max_steps={STEPS}",
         "trainer.max_epochs=-1",
         "+trainer.limit_val_batches=1",
@@ -84,7 +83,6 @@ def _args(tmp: Path, shapes_root: Path, clip_export: Path, name: str) -> list[st
         "stage.metrics.every_n_epochs=0",
         "scheduler.warmup_steps=4",
         f"callbacks.last_checkpoint.every_n_train_steps={EVERY}",
-        "callbacks.export=null",
         "callbacks.progress_bar=null",
         f"+callbacks.record._target_={__name__}.RecordDraws",
         f"+callbacks.record.out={tmp}/draws/{name}",
@@ -97,11 +95,13 @@ def _args(tmp: Path, shapes_root: Path, clip_export: Path, name: str) -> list[st
 
 @pytest.fixture(scope="module")
 def one_node(tmp_path_factory, shapes_root, tiny_clip_export) -> dict[int, dict[int, dict]]:
-    """An uninterrupted run of two processes on one node: rank → step → loss and draws."""
+    """An uninterrupted run of two processes on one node, asked for with `trainer.devices=2` alone (Lightning
+    picks DDP and re-launches train.py): rank → step → loss and draws. Rank zero writes the export."""
     tmp = tmp_path_factory.mktemp("one_node")
     args = [*_args(tmp, shapes_root, tiny_clip_export, "whole"), "trainer.devices=2"]
     result = run_train(args, tmp, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp / "export" / "decoder" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     ranks = records(tmp / "draws" / "whole")
     assert sorted(ranks) == [0, 1] and all(sorted(steps) == list(range(STEPS)) for steps in ranks.values())
     return ranks
@@ -120,6 +120,7 @@ def test_killed_two_process_run_resumes_every_rank_exactly(one_node, tmp_path, s
     killed = [
         *_args(tmp_path, shapes_root, tiny_clip_export, "killed"),
         "trainer.devices=2",
+        "callbacks.export=null",
         "+callbacks.kill._target_=test_resume.KillAtStep",
         f"+callbacks.kill.step={KILL_AT}",
     ]
@@ -127,6 +128,7 @@ def test_killed_two_process_run_resumes_every_rank_exactly(one_node, tmp_path, s
     assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
 
     resumed = [*_args(tmp_path, shapes_root, tiny_clip_export, "resumed"), "trainer.devices=2", "ckpt_path=last"]
+    resumed.append("callbacks.export=null")
     result = run_train(resumed, tmp_path, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     after = records(tmp_path / "draws" / "resumed")
@@ -156,6 +158,7 @@ def test_two_torchrun_nodes_train_as_one_node_of_two_processes(one_node, tmp_pat
     ranks from torchrun (TorchElasticEnvironment), and both ranks' losses are those of one node of two."""
     port = free_port()
     args = [*_args(tmp_path, shapes_root, tiny_clip_export, "nodes"), "trainer.num_nodes=2", "trainer.devices=1"]
+    args += ["trainer.strategy=ddp", "callbacks.export=null"]
     tests_first = os.pathsep.join(p for p in (ENV["PYTHONPATH"], os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true", **ENV, "PYTHONPATH": tests_first}
     nodes = []

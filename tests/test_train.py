@@ -1,4 +1,5 @@
-"""The real `python train.py` on Shapes shards: wandb offline, checkpoints, export, resume and multirun."""
+"""The real `python train.py` on Shapes shards: wandb offline, checkpoints, export, resume and multirun. (Exact
+resume: test_resume.py; several processes and nodes: test_ranks.py.)"""
 
 from __future__ import annotations
 
@@ -22,10 +23,11 @@ def _common(tmp_path: Path, shapes_root: Path) -> list[str]:
     ]
 
 
-def test_clip_trains_logs_offline_to_wandb_and_exports(tmp_path, shapes_root):
+def test_clip_trains_logs_offline_to_wandb_exports_and_resumes(tmp_path, shapes_root):
     result = run_train([*_common(tmp_path, shapes_root), "logger=wandb", "run_name=first"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    run = tmp_path / "outputs" / "clip" / "runs" / "first"
+    runs = tmp_path / "outputs" / "clip" / "runs"
+    run = runs / "first"
     metrics = json.loads((run / "metrics.json").read_text())
     assert 0.0 <= metrics["val/t2i_r1"] <= 1.0 and metrics["train/loss"] > 0
     assert "data/skipped/corrupt_image" in metrics
@@ -36,6 +38,21 @@ def test_clip_trains_logs_offline_to_wandb_and_exports(tmp_path, shapes_root):
     manifest = json.loads((export / "dalle_lightning.json").read_text())
     assert manifest["stage"] == "clip" and manifest["config"]["model"]["clip"]["image_size"] == 32
     assert (export / "model.safetensors").stat().st_size > 100_000
+
+    # ckpt_path=last goes on from the newest run's last.ckpt (exact resume: tests/test_resume.py), in a run folder
+    # of its own that gets the first run's BPE tokenizer, not a new one trained on the captions.
+    second = run_train(
+        [*_common(tmp_path, shapes_root), "logger=csv", "run_name=b", "ckpt_path=last", "trainer.max_steps=10"],
+        tmp_path,
+    )
+    assert second.returncode == 0, second.stderr[-3000:]
+    after = csv_losses(runs / "b")
+    assert len(after) == 4 and min(after) > 5  # four more steps, not a restart
+    checkpoint = torch.load(runs / "b" / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert checkpoint["global_step"] == 10
+    assert (runs / "b" / "checkpoints" / "tokenizer" / "tokenizer.json").read_text() == (
+        run / "checkpoints" / "tokenizer" / "tokenizer.json"
+    ).read_text()
 
 
 def test_export_dir_over_the_runs_folder_is_refused_before_training(tmp_path, shapes_root):
@@ -90,28 +107,6 @@ def test_an_export_replaces_an_export_but_not_other_files(tmp_path):
     assert (runs / "runs" / "a" / "last.ckpt").read_bytes() == b"checkpoint"
 
 
-def test_resume_from_last_continues_the_run(tmp_path, shapes_root):
-    first = run_train([*_common(tmp_path, shapes_root), "logger=csv", "run_name=a"], tmp_path)
-    assert first.returncode == 0, first.stderr[-3000:]
-    second = run_train(
-        [*_common(tmp_path, shapes_root), "logger=csv", "run_name=b", "ckpt_path=last", "trainer.max_steps=10"],
-        tmp_path,
-    )
-    assert second.returncode == 0, second.stderr[-3000:]
-    runs = tmp_path / "outputs" / "clip" / "runs"
-    before, after = csv_losses(runs / "a"), csv_losses(runs / "b")
-    # Steps continue, not restart: four more steps. (Lightning logs a run resumed from an end-of-epoch
-    # checkpoint one step late, 7..10 instead of 6..9; exact resume is checked in the resume suite.)
-    assert sorted(before) == [0, 1, 2, 3, 4, 5] and len(after) == 4 and min(after) > 5
-    # The resumed model is the trained one: its loss is near where the first run ended, not back at the start.
-    assert after[min(after)] < before[0] - 0.2 * (before[0] - before[5])
-    checkpoint = torch.load(runs / "b" / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
-    assert checkpoint["global_step"] == 10
-    assert (runs / "b" / "checkpoints" / "tokenizer" / "tokenizer.json").read_text() == (
-        runs / "a" / "checkpoints" / "tokenizer" / "tokenizer.json"
-    ).read_text()
-
-
 def test_multirun_over_two_values(tmp_path, shapes_root):
     result = run_train(
         [
@@ -134,20 +129,6 @@ def test_multirun_over_two_values(tmp_path, shapes_root):
     # Each job exports into its own folder: into the shared export folder, the second would replace the first's.
     assert all((j / "export" / "clip" / "dalle_lightning.json").is_file() for j in jobs)
     assert not (tmp_path / "export" / "clip").exists()
-
-
-def test_two_process_ddp_run_of_train_py(tmp_path, shapes_root):
-    """`trainer.devices=2` alone: Lightning picks DDP, re-launches train.py under Hydra, gloo on CPU."""
-    result = run_train(
-        [*_common(tmp_path, shapes_root), "trainer.accelerator=cpu", "trainer.devices=2", "logger=csv", "run_name=ddp"],
-        tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    run = tmp_path / "outputs" / "clip" / "runs" / "ddp"
-    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
-    assert checkpoint["global_step"] == 6
-    assert "val/t2i_r1" in json.loads((run / "metrics.json").read_text())
-    assert (tmp_path / "export" / "clip" / "model.safetensors").exists()
 
 
 def test_embed_then_train_prior_decoder_and_upsampler(tmp_path, shapes_root, tiny_clip_export):
@@ -220,7 +201,7 @@ def test_embed_then_train_prior_decoder_and_upsampler(tmp_path, shapes_root, tin
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "outputs" / "decoder" / "runs" / "decoder"
     metrics = json.loads((run / "metrics.json").read_text())
-    assert fd_clip_in_range(metrics["val/fd_clip"]) and 0 < metrics["val/clip_score"] < 100
+    assert fd_clip_in_range(metrics["val/fd_clip"]) and 0 <= metrics["val/clip_score"] <= 100
     assert (run / "samples" / "epoch000.png").exists()
     assert (tmp_path / "export" / "decoder" / "unet" / "diffusion_pytorch_model.safetensors").exists()
     assert (tmp_path / "export" / "decoder" / "context.safetensors").exists()
