@@ -106,6 +106,11 @@ def load_stage_export(path: str | Path, stage: str, clip_export: str | Path | No
     if not module_config:
         raise UserError(f"{option}='{path}' holds no training config: export it again with train.py stage={stage}")
     overrides = {"clip_export": str(clip_export)} if clip_export is not None else {}
+    model = module_config.get("model") or {}
+    if model.get("pretrained"):
+        # A stage that started from published weights is built from its own export, which holds their layout (and
+        # so their architecture): the folder it started from need not be there any more.
+        overrides["model"] = {**model, "pretrained": str(path)}
     module = instantiate(module_config, tokenizer=None, **overrides, _convert_="all")
     for name, file in module.export_weights.items():
         weights = Path(path) / file
