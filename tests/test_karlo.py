@@ -244,3 +244,16 @@ def test_wrong_layout_width_and_pickled_weights_are_one_line(tmp_path, tiny_clip
     )
     message = user_error(load_decoder, tmp_path, tiny_clip_export, wide)
     assert "768-wide CLIP embeddings" in message and "128-wide" in message
+
+
+def test_openai_legacy_text_config_ends_text_at_the_last_vocabulary_id():
+    """OpenAI's CLIP configs (Karlo's text encoder) say eos_token_id=2, which transformers reads as "the end of text
+    is the highest id": the mask and the empty caption follow the ids the tokenizer really writes."""
+    from transformers import CLIPTextConfig
+
+    from dalle_lightning.models.clip import empty_caption_ids, text_mask
+
+    legacy = CLIPTextConfig(vocab_size=49408, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    ids = torch.tensor([[49406, 320, 2, 49407, 0, 0]])  # "a <"> ." padded with "!" (id 0), as Karlo's tokenizer pads
+    assert text_mask(ids, legacy).tolist() == [[True, True, True, True, False, False]]
+    assert empty_caption_ids(legacy, 4).tolist() == [[49406, 49407, 49407, 49407]]

@@ -80,16 +80,25 @@ def encode_texts(
     return F.normalize(features, dim=-1) if normalize else features
 
 
-def text_mask(input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+def text_special_ids(text_config: Any) -> tuple[int, int]:
+    """(start-of-text, end-of-text) ids of a CLIP text config. transformers reads eos_token_id == 2 as OpenAI's
+    legacy config (openai/clip-vit-large-patch14, Karlo's text encoder), whose start and end of text are the last
+    two ids of the vocabulary (49406, 49407), whatever bos/eos_token_id say."""
+    if text_config.eos_token_id == 2:
+        return text_config.vocab_size - 2, text_config.vocab_size - 1
+    return text_config.bos_token_id, text_config.eos_token_id
+
+
+def text_mask(input_ids: torch.Tensor, text_config: Any) -> torch.Tensor:
     """The mask of tokens up to and including the first end-of-text token: padding ids cannot tell where text
     ends (OpenAI's tokenizer pads with EOS, Karlo's with "!")."""
-    is_eos = input_ids == eos_token_id
+    is_eos = input_ids == text_special_ids(text_config)[1]
     return (is_eos.cumsum(1) - is_eos.long()) == 0
 
 
 def text_token_encodings(text_model: Any, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A CLIP text transformer's per-token encodings (B, L, W) and their `text_mask`."""
-    mask = text_mask(input_ids, text_model.config.eos_token_id)
+    mask = text_mask(input_ids, text_model.config)
     with torch.no_grad():
         encodings = text_model(input_ids=input_ids, attention_mask=mask.long()).last_hidden_state
     return encodings, mask
@@ -102,12 +111,13 @@ def text_features(clip: Any, input_ids: torch.Tensor) -> tuple[torch.Tensor, tor
     with torch.no_grad():
         output = clip.text_model(input_ids=input_ids)
         embeds = clip.text_projection(output.pooler_output)
-    return embeds, output.last_hidden_state, text_mask(input_ids, clip.text_model.config.eos_token_id)
+    return embeds, output.last_hidden_state, text_mask(input_ids, clip.text_model.config)
 
 
 def empty_caption_ids(text_config: Any, length: int, batch: int = 1) -> torch.Tensor:
     """Token ids of the empty caption ("": start and end of text), the null text of classifier-free guidance
     in Karlo and Kandinsky. Positions after the end of text are masked (`text_mask`): their ids do not matter."""
-    ids = torch.full((batch, length), text_config.eos_token_id, dtype=torch.long)
-    ids[:, 0] = text_config.bos_token_id
+    bos, eos = text_special_ids(text_config)
+    ids = torch.full((batch, length), eos, dtype=torch.long)
+    ids[:, 0] = bos
     return ids
