@@ -80,6 +80,11 @@ def encode_texts(
     return F.normalize(features, dim=-1) if normalize else features
 
 
+def unit_norm(embeddings: torch.Tensor) -> bool:
+    """Whether every embedding (..., D) has unit length, to float16 precision (as embedding shards store them)."""
+    return bool(((embeddings.float().norm(dim=-1) - 1).abs() < 0.01).all())
+
+
 def text_special_ids(text_config: Any) -> tuple[int, int]:
     """(start-of-text, end-of-text) ids of a CLIP text config. transformers reads eos_token_id == 2 as OpenAI's
     legacy config (openai/clip-vit-large-patch14, Karlo's text encoder), whose start and end of text are the last

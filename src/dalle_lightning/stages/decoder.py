@@ -24,7 +24,13 @@ from dalle_lightning.diffusion.objectives import hybrid_loss
 from dalle_lightning.diffusion.sampling import guided_sample, sampling_scheduler
 from dalle_lightning.errors import UserError
 from dalle_lightning.metrics.image import ClipScore
-from dalle_lightning.models.clip import empty_caption_ids, encode_images, text_features, text_token_encodings
+from dalle_lightning.models.clip import (
+    empty_caption_ids,
+    encode_images,
+    text_features,
+    text_token_encodings,
+    unit_norm,
+)
 from dalle_lightning.models.decoder import (
     build_decoder_context,
     build_decoder_unet,
@@ -105,7 +111,14 @@ class DecoderModule(ImageDiffusionModule):
                     f"the shards hold {embedding.shape[-1]}-wide image embeddings but stage.clip_export is "
                     f"{self.embedding_dim}-wide: embed the shards with that CLIP (embed.py) or name the right export"
                 )
-            return torch.nn.functional.normalize(embedding, dim=-1) if self.normalize_embeddings else embedding
+            if self.normalize_embeddings:
+                return torch.nn.functional.normalize(embedding, dim=-1)
+            if unit_norm(embedding):
+                raise UserError(
+                    "the shards hold unit-norm image embeddings but this decoder takes them as CLIP projects them: "
+                    "embed the shards with embed.py normalize=false"
+                )
+            return embedding
         with torch.no_grad():
             return encode_images(self.clip, batch["image"], normalize=self.normalize_embeddings)
 

@@ -30,7 +30,7 @@ from dalle_lightning.diffusion.objectives import diffusion_loss, training_schedu
 from dalle_lightning.diffusion.sampling import guided_sample, sampling_scheduler
 from dalle_lightning.errors import UserError
 from dalle_lightning.export import read_manifest
-from dalle_lightning.models.clip import empty_caption_ids, encode_texts, text_token_encodings
+from dalle_lightning.models.clip import empty_caption_ids, encode_texts, text_token_encodings, unit_norm
 from dalle_lightning.models.prior import PRIOR_LAYOUT, build_prior, load_prior
 from dalle_lightning.stages.base import StageModule
 
@@ -168,7 +168,7 @@ class PriorModule(StageModule):
                 f"the embedding shards hold {image_embedding.shape[-1]}-wide image embeddings but stage.clip_export "
                 f"is {self.embedding_dim}-wide: embed the shards with that CLIP (embed.py) or point to the right export"
             )
-        unit = bool(((image_embedding.float().norm(dim=-1) - 1).abs() < 0.01).all())
+        unit = unit_norm(image_embedding)
         if unit != self.normalize_embeddings:
             held = "unit-norm" if unit else "not L2-normalised"
             raise UserError(
