@@ -249,3 +249,47 @@ def test_openai_legacy_text_config_ends_text_at_the_last_vocabulary_id():
     ids = torch.tensor([[49406, 320, 2, 49407, 0, 0]])  # "a <"> ." padded with "!" (id 0), as Karlo's tokenizer pads
     assert text_mask(ids, legacy).tolist() == [[True, True, True, True, False, False]]
     assert empty_caption_ids(legacy, 4).tolist() == [[49406, 49407, 49407, 49407]]
+
+
+def test_presets_build_karlo_structures_from_scratch(tmp_path, tiny_clip_export):
+    """Without `pretrained`, the karlo presets (at tiny widths) build Karlo's structures, whose weights load into
+    diffusers' own classes as they are."""
+    prior = karlo_stage(
+        tmp_path,
+        "prior",
+        tiny_clip_export,
+        ["model.prior.embedding_dim=128", "model.prior.depth=1", "model.prior.heads=2", "model.prior.head_dim=32"],
+    )
+    assert prior.text_tokens and prior.prior.norm_in is None and prior.prior.config.num_embeddings == 24
+    assert prior.null_text == "empty_caption" and not prior.normalize_embeddings
+
+    unet = [
+        "model.decoder.image_size=32",
+        "model.decoder.unet.block_out_channels=[32,64]",
+        "model.decoder.unet.down_block_types=[ResnetDownsampleBlock2D,SimpleCrossAttnDownBlock2D]",
+        "model.decoder.unet.up_block_types=[SimpleCrossAttnUpBlock2D,ResnetUpsampleBlock2D]",
+        "model.decoder.unet.layers_per_block=1",
+        "model.decoder.unet.cross_attention_dim=64",
+        "model.decoder.unet.attention_head_dim=32",
+        "+model.decoder.unet.norm_num_groups=8",
+    ]
+    decoder = karlo_stage(tmp_path, "decoder", tiny_clip_export, unet)
+    assert decoder.unet.config.out_channels == 6 and decoder.noise.config.variance_type == "learned_range"
+    config = {k: v for k, v in decoder.text_proj.config.items() if not k.startswith("_")}
+    UnCLIPTextProjModel(**config).load_state_dict(decoder.text_proj.state_dict())  # strict
+    assert config == {
+        "clip_extra_context_tokens": 4,
+        "clip_embeddings_dim": 128,
+        "time_embed_dim": 128,
+        "cross_attention_dim": 64,
+    }
+
+    sizes = ["model.upsampler.image_size=64", "model.upsampler.low_res_size=32", "model.upsampler.train_crop=32"]
+    widths = ["model.upsampler.unet.block_out_channels=[32,64]", "model.upsampler.unet.layers_per_block=1"]
+    blocks = [
+        "model.upsampler.unet.down_block_types=[ResnetDownsampleBlock2D,ResnetDownsampleBlock2D]",
+        "model.upsampler.unet.up_block_types=[ResnetUpsampleBlock2D,ResnetUpsampleBlock2D]",
+        "+model.upsampler.unet.norm_num_groups=8",
+    ]
+    upsampler = karlo_stage(tmp_path, "upsampler", tiny_clip_export, [*sizes, *widths, *blocks])
+    assert upsampler.unet.config.in_channels == 6 and upsampler.unet.config.class_embed_type is None
