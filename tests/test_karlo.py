@@ -293,3 +293,20 @@ def test_presets_build_karlo_structures_from_scratch(tmp_path, tiny_clip_export)
     ]
     upsampler = karlo_stage(tmp_path, "upsampler", tiny_clip_export, [*sizes, *widths, *blocks])
     assert upsampler.unet.config.in_channels == 6 and upsampler.unet.config.class_embed_type is None
+
+
+def test_diffusers_export_of_default_stages(tmp_path, tiny_exports):
+    """The default decoder is not Karlo's: the UnCLIPPipeline layout refuses it in one line; a prior trained on
+    L2-normalised embeddings becomes a PriorTransformer folder alone, which diffusers loads."""
+    from dalle_lightning.export_diffusers import export_diffusers
+
+    exports = {stage: tiny_exports[stage] for stage in ("clip", "prior", "decoder", "upsampler")}
+    with pytest.raises(UserError, match=r"exports\.decoder is not Karlo-structured"):
+        export_diffusers(tmp_path / "unclip", **exports)
+    assert not (tmp_path / "unclip").exists()
+    out = tmp_path / "prior"
+    assert export_diffusers(out, exports["clip"], exports["prior"]) == "PriorTransformer"
+    prior = PriorTransformer.from_pretrained(out / "prior", use_safetensors=True)
+    assert prior.config.embedding_dim == 128 and (out / "scheduler" / "scheduler_config.json").is_file()
+    with pytest.raises(UserError, match="exists and is not empty"):
+        export_diffusers(out, exports["clip"], exports["prior"])
