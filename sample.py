@@ -11,7 +11,8 @@ from dalle_lightning.export import check_exports
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")
 def main(cfg: DictConfig) -> None:
     with report_user_errors():
-        check_exports(cfg.exports, "exports.")  # before the imports: a wrong path is reported at once
+        # before the imports: a wrong path is reported at once (with karlo=<folder>, the CLIP's alone)
+        check_exports({"clip": cfg.exports.clip} if cfg.get("karlo") else cfg.exports, "exports.")
         from dalle_lightning.sample import sample  # imported here so `--help`/`--cfg` stay fast
 
         sample(cfg)

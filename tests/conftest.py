@@ -232,6 +232,77 @@ def tiny_exports(tiny_clip_export, tmp_path_factory) -> dict[str, Path]:
     return exports
 
 
+def write_karlo_folder(clip_export: Path, folder: Path, decoder_size: int = 32, upsampler_size: int = 64) -> Path:
+    """A folder in Karlo's layout (`UnCLIPPipeline.save_pretrained`, as kakaobrain/karlo-v1-alpha ships) of tiny
+    random networks built with diffusers' own classes around the CLIP export's text tower and tokenizer."""
+    import torch
+    from diffusers import PriorTransformer, UnCLIPPipeline, UnCLIPScheduler, UNet2DConditionModel, UNet2DModel
+    from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
+
+    from dalle_lightning.export_diffusers import clip_towers
+
+    text_encoder, _, tokenizer = clip_towers(clip_export)
+    width, context = text_encoder.config.projection_dim, text_encoder.config.max_position_embeddings
+    torch.manual_seed(0)
+    prior = PriorTransformer(
+        num_attention_heads=2, attention_head_dim=32, num_layers=1, embedding_dim=width, num_embeddings=context
+    )
+    prior.clip_mean.data.normal_(0, 0.1)
+    prior.clip_std.data.uniform_(0.5, 1.5)
+    decoder = UNet2DConditionModel(
+        sample_size=decoder_size,
+        in_channels=3,
+        out_channels=6,
+        class_embed_type="identity",
+        block_out_channels=(32, 64),
+        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+        layers_per_block=1,
+        cross_attention_dim=64,
+        attention_head_dim=32,
+        resnet_time_scale_shift="scale_shift",
+        norm_num_groups=8,
+    )
+    text_proj = UnCLIPTextProjModel(clip_embeddings_dim=width, time_embed_dim=128, cross_attention_dim=64)
+    for parameter in text_proj.parameters():  # diffusers starts the null embedding at zero: make every part count
+        parameter.data.normal_(0, 0.05)
+
+    def super_res() -> UNet2DModel:
+        return UNet2DModel(
+            sample_size=upsampler_size,
+            in_channels=6,
+            out_channels=3,
+            block_out_channels=(32, 64),
+            down_block_types=("ResnetDownsampleBlock2D",) * 2,
+            up_block_types=("ResnetUpsampleBlock2D",) * 2,
+            layers_per_block=1,
+            add_attention=False,
+            norm_num_groups=8,
+        )
+
+    pipe = UnCLIPPipeline(
+        prior=prior,
+        decoder=decoder,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_proj=text_proj,
+        super_res_first=super_res(),
+        super_res_last=super_res(),
+        prior_scheduler=UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="sample", clip_sample_range=5),
+        decoder_scheduler=UnCLIPScheduler(variance_type="learned_range", prediction_type="epsilon"),
+        super_res_scheduler=UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="epsilon"),
+    )
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def karlo_folder(tiny_clip_export, tmp_path_factory) -> Path:
+    """A tiny random Karlo-layout folder on the tiny CLIP export's text tower (decoder 32 px, upsampler 32 → 64 px)."""
+    return write_karlo_folder(tiny_clip_export, tmp_path_factory.mktemp("karlo") / "karlo")
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for a module of tiny models: on small VMs a second thread mostly spin-waits (2-3x

@@ -1,8 +1,9 @@
 """Embedding shards: a frozen CLIP run over image-caption shards (the logic behind the root `embed.py`).
 
 Each input shard becomes one output shard of the same name holding every original member, byte for byte,
-plus `img_emb.npy` and `txt_emb.npy` (L2-normalised, float16, shape (D,)) and `txt_ids.npy` (int32 token
-ids, one context length). Work is resumable shard by shard: a shard is written to `<name>.tmp`, then renamed,
+plus `img_emb.npy` and `txt_emb.npy` (float16, shape (D,): L2-normalised, or with `normalize=False` as CLIP
+projects them, the convention of Karlo's and Kandinsky's priors) and `txt_ids.npy` (int32 token ids, one
+context length). Work is resumable shard by shard: a shard is written to `<name>.tmp`, then renamed,
 so an output shard that exists is complete and a rerun skips it. Next to each shard, `<stem>_stats.json`
 (img2dataset's convention) records its counts; once every shard is done, `embeddings.json` sums them up.
 """
@@ -198,10 +199,11 @@ def _count_samples(shard: Path) -> int:
 class _Embedder:
     """The frozen CLIP and its tokenizer on one device: decoded samples in, numpy embeddings out."""
 
-    def __init__(self, model: Any, tokenizer: Any, device: torch.device):
+    def __init__(self, model: Any, tokenizer: Any, device: torch.device, normalize: bool = True):
         self.model = model.to(device).eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.device = device
+        self.normalize = normalize
         text_config = model.config.text_config
         # Some tokenizers report an effectively unbounded model_max_length; the model's positions bound it.
         self.context_length = int(min(tokenizer.model_max_length, text_config.max_position_embeddings))
@@ -217,12 +219,12 @@ class _Embedder:
         input_ids = tokens["input_ids"].to(self.device)
         attention_mask = tokens["attention_mask"].to(self.device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            img_emb = encode_images(self.model, pixels)
-            txt_emb = encode_texts(self.model, input_ids, attention_mask)
-        # Normalised again in float32 so that the float16 copies are unit vectors to float16 precision.
-        img_emb = F.normalize(img_emb.float(), dim=-1).cpu().numpy().astype(np.float16)
-        txt_emb = F.normalize(txt_emb.float(), dim=-1).cpu().numpy().astype(np.float16)
-        return img_emb, txt_emb, tokens["input_ids"].numpy().astype(np.int32)
+            img_emb = encode_images(self.model, pixels, self.normalize).float()
+            txt_emb = encode_texts(self.model, input_ids, attention_mask, self.normalize).float()
+        if self.normalize:  # again in float32, so that the float16 copies are unit vectors to float16 precision
+            img_emb, txt_emb = F.normalize(img_emb, dim=-1), F.normalize(txt_emb, dim=-1)
+        as_half = lambda x: x.cpu().numpy().astype(np.float16)  # noqa: E731
+        return as_half(img_emb), as_half(txt_emb), tokens["input_ids"].numpy().astype(np.int32)
 
 
 @dataclass
@@ -264,13 +266,15 @@ def embed_shards(
     device: str = "auto",
     seed: int = 0,
     progress: bool = True,
+    normalize: bool = True,
 ) -> dict[str, Any]:
     """Write one embedding shard per input shard into `output_dir`; return the summary of all shards so far.
 
     Shard i goes to rank i % WORLD_SIZE (env vars RANK/WORLD_SIZE; one process by default). Output shards
     that exist are skipped. Samples without a usable image or caption are skipped and counted by reason; an
     unreadable shard is counted as `bad_shard` and left for the next run. Images are decoded at the CLIP's
-    resolution (`min_image_size`: smaller ones are skipped; default half that resolution). `embeddings.json`
+    resolution (`min_image_size`: smaller ones are skipped; default half that resolution). `normalize`: unit-norm
+    embeddings (false: as CLIP projects them). `embeddings.json`
     is written by whichever process finds every shard done (the only one, in a single-process run); the
     summary returned has `complete` false while other ranks still have shards to do.
     """
@@ -295,11 +299,11 @@ def embed_shards(
 
     torch.manual_seed(seed)
     model, tokenizer, source = load_clip(clip_export, pretrained)
-    embedder = _Embedder(model, tokenizer, _device(device))
+    embedder = _Embedder(model, tokenizer, _device(device), normalize)
     image_size = int(model.config.vision_config.image_size)
     min_size = int(min_image_size) if min_image_size else max(1, image_size // 2)
     dim = int(model.config.projection_dim)
-    header = {"clip": source, "embedding_dim": dim, "context_length": embedder.context_length}
+    header = {"clip": source, "embedding_dim": dim, "context_length": embedder.context_length, "normalized": normalize}
 
     mine = [i for i in range(len(urls)) if i % world_size == rank]
     todo: list[int] = []
@@ -310,7 +314,7 @@ def embed_shards(
             continue
         log.debug("skip %s: already embedded", path)
         stats = _read_json(_stats_path(path)) or {}
-        for key in ("embedding_dim", "context_length"):
+        for key in ("embedding_dim", "context_length", "normalized"):
             if key in stats and stats[key] != header[key]:
                 raise UserError(
                     f"output_dir='{output_dir}' holds embeddings with {key}={stats[key]} (from {stats.get('clip')}), "
@@ -454,4 +458,5 @@ def embed(cfg: DictConfig) -> dict[str, Any]:
         min_image_size=cfg.get("min_image_size"),
         device=str(cfg.get("device", "auto")),
         seed=int(cfg.get("seed", 0)),
+        normalize=bool(cfg.normalize),
     )

@@ -100,13 +100,18 @@ _HYDRA_FLAGS = ("_recursive_", "_convert_", "_partial_")
 _TRAINING_ONLY = ("optim", "scheduler")
 
 
-def _stage_classes() -> dict[str, type]:
-    """The classes an export is rebuilt with, by stage name: ours only, never one a manifest names."""
-    from dalle_lightning.stages.decoder import DecoderModule
+def _stage_classes() -> dict[str, tuple[type, ...]]:
+    """The classes an export may be rebuilt with, by stage name (the first is the default): ours only, chosen by
+    the name a manifest records, never imported from it."""
+    from dalle_lightning.stages.decoder import DecoderModule, KarloDecoderModule
     from dalle_lightning.stages.prior import PriorModule
-    from dalle_lightning.stages.upsampler import UpsamplerModule
+    from dalle_lightning.stages.upsampler import KarloUpsamplerModule, UpsamplerModule
 
-    return {"prior": PriorModule, "decoder": DecoderModule, "upsampler": UpsamplerModule}
+    return {
+        "prior": (PriorModule,),
+        "decoder": (DecoderModule, KarloDecoderModule),
+        "upsampler": (UpsamplerModule, KarloUpsamplerModule),
+    }
 
 
 def _check_plain(value: Any, where: str, refuse: Callable[[str], UserError]) -> None:
@@ -121,28 +126,33 @@ def _check_plain(value: Any, where: str, refuse: Callable[[str], UserError]) -> 
             _check_plain(item, f"{where}[{index}]", refuse)
 
 
-def _stage_arguments(info: Mapping[str, Any], stage: str, refuse: Callable[[str], UserError]) -> dict[str, Any]:
-    """The keyword arguments that rebuild a stage's module from its manifest, read as data: the values of
-    `config.stage.module` that the stage's class takes (model, clip_export, embeddings, metrics), each checked to
-    be plain JSON with no Hydra keys. A `_target_` there may only name the stage's own class; anything else
-    (another callable, nested objects, keys the class does not take) is refused with `refuse(problem)`."""
+def _stage_arguments(
+    info: Mapping[str, Any], stage: str, refuse: Callable[[str], UserError]
+) -> tuple[type, dict[str, Any]]:
+    """The class and the keyword arguments that rebuild a stage's module from its manifest, read as data: the
+    values of `config.stage.module` that the class takes (model, clip_export, embeddings, metrics), each checked to
+    be plain JSON with no Hydra keys. A `_target_` there may only name one of the stage's own classes; anything
+    else (another callable, nested objects, keys the class does not take) is refused with `refuse(problem)`."""
     import inspect
 
-    cls = _stage_classes()[stage]
     config = info.get("config")
     stage_config = config.get("stage") if isinstance(config, dict) else None
     module_config = stage_config.get("module") if isinstance(stage_config, dict) else None
     if not isinstance(module_config, dict) or not module_config:
         raise refuse("it holds no training config (config.stage.module)")
+    classes = {cls.__name__: cls for cls in _stage_classes()[stage]}
+    target = module_config.get("_target_", _stage_classes()[stage][0].__name__)
+    # Manifests record the class the stage was trained with: its name is looked up among ours, never imported.
+    cls = classes.get(target.rsplit(".", 1)[-1]) if isinstance(target, str) else None
+    if cls is None:
+        raise refuse(
+            f"config.stage.module._target_ names {target!r}: a {stage} export is built with {' or '.join(classes)} only"
+        )
     takes = set(inspect.signature(cls).parameters) - {"tokenizer", *_TRAINING_ONLY}
     arguments: dict[str, Any] = {}
     for key, value in module_config.items():
         where = f"config.stage.module.{key}"
-        if key == "_target_":
-            # Manifests record the class the stage was trained with: its name is compared, never imported.
-            if not isinstance(value, str) or value.rsplit(".", 1)[-1] != cls.__name__:
-                raise refuse(f"{where} names {value!r}: a {stage} export is built with {cls.__name__} only")
-        elif key in _HYDRA_FLAGS:
+        if key == "_target_" or key in _HYDRA_FLAGS:
             continue
         elif key in _TRAINING_ONLY:
             if value is not None and not isinstance(value, dict):
@@ -156,7 +166,7 @@ def _stage_arguments(info: Mapping[str, Any], stage: str, refuse: Callable[[str]
             raise refuse(f"{where} is not an argument of {cls.__name__}")
     if not isinstance(arguments.get("model"), dict):
         raise refuse("config.stage.module.model is missing or not a mapping")
-    return arguments
+    return cls, arguments
 
 
 def load_stage_export(path: str | Path, stage: str, clip_export: str | Path | None = None, option: str | None = None):
@@ -176,12 +186,16 @@ def load_stage_export(path: str | Path, stage: str, clip_export: str | Path | No
     def refuse(problem: str) -> UserError:
         return UserError(f"{option}='{path}' cannot be loaded: {problem}; export it again with train.py stage={stage}")
 
-    arguments = _stage_arguments(info, stage, refuse)
+    cls, arguments = _stage_arguments(info, stage, refuse)
     if clip_export is not None:
         arguments["clip_export"] = str(clip_export)
+    if arguments["model"].get("pretrained"):
+        # A stage that started from published weights is built from its own export, which holds their layout (and
+        # so their architecture): the folder it started from need not be there any more.
+        arguments["model"] = {**arguments["model"], "pretrained": str(path)}
     try:
         # The optimizer is never built for sampling: an empty config stands in for it.
-        module = _stage_classes()[stage](optim={}, tokenizer=None, **arguments)
+        module = cls(optim={}, tokenizer=None, **arguments)
     except (TypeError, ValueError, KeyError) as err:  # a preset this code cannot build (a value of the wrong kind)
         message = " ".join(str(err).split())[:200]
         raise refuse(f"its model config does not build ({type(err).__name__}: {message})") from err

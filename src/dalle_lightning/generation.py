@@ -29,15 +29,21 @@ def build_pipeline(cfg: DictConfig) -> UnCLIPPipeline:
     """The pipeline for the config's exports, sampling settings and filters."""
     options = {f"{stage}_options": OmegaConf.to_container(cfg[stage]) for stage in ("prior", "decoder", "upsampler")}
     exports = cfg.exports
-    pipe = UnCLIPPipeline.from_exports(
-        clip=exports.clip,
-        prior=exports.prior,
-        decoder=exports.decoder,
-        upsampler=exports.get("upsampler"),
-        device=cfg.get("device"),
-        option_prefix="exports.",
-        **options,
-    )
+    if cfg.get("karlo"):  # sample.py karlo=<folder>: a diffusers UnCLIPPipeline folder's networks
+        presets = {stage: OmegaConf.to_container(preset) for stage, preset in cfg.karlo_presets.items()}
+        pipe = UnCLIPPipeline.from_pretrained(
+            cfg.karlo, exports.clip, presets, exports.get("upsampler") is not None, cfg.get("device"), **options
+        )
+    else:
+        pipe = UnCLIPPipeline.from_exports(
+            clip=exports.clip,
+            prior=exports.prior,
+            decoder=exports.decoder,
+            upsampler=exports.get("upsampler"),
+            device=cfg.get("device"),
+            option_prefix="exports.",
+            **options,
+        )
     filters = cfg.get("filters") or {}
     if filters.get("prompt_blocklist"):
         pipe.prompt_filter = PromptBlocklist(filters.prompt_blocklist)

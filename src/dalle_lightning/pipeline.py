@@ -6,7 +6,8 @@
     out.grid().save("grid.png")
 
 Each stage is the trained module rebuilt from its export (`export.load_stage_export`), so the pipeline samples
-with exactly the code and defaults it was trained with; `prior_options`, `decoder_options` and
+with exactly the code and defaults it was trained with (or, `from_pretrained`, the networks of a diffusers
+`UnCLIPPipeline` folder such as Karlo's, run as our Karlo-structured stages); `prior_options`, `decoder_options` and
 `upsampler_options` override those defaults (the keyword arguments of `PriorModule.sample`,
 `DecoderModule.generate` and `UpsamplerModule.generate`). Because everything passes through the CLIP image
 embedding, unCLIP also gives variations of an image, interpolation between images or prompts, text diffs and,
@@ -31,6 +32,11 @@ from dalle_lightning.export import check_exports, load_clip_export, load_stage_e
 from dalle_lightning.models.clip import encode_images, encode_texts
 from dalle_lightning.models.tokenizer import tokenize_prompts
 from dalle_lightning.visualize import captioned_grid, to_pil
+
+UNCLIP_LAYOUT = (
+    "a diffusers UnCLIPPipeline folder in Karlo's layout (prior/, decoder/ + text_proj/, super_res_first/), as "
+    "kakaobrain/karlo-v1-alpha ships and export.py format=diffusers writes"
+)
 
 PromptFilter = Callable[[str], bool]
 ImageFilter = Callable[[torch.Tensor, Sequence[str]], torch.Tensor]
@@ -116,6 +122,13 @@ class UnCLIPPipeline:
         self.decoder_options = {k: v for k, v in (decoder_options or {}).items() if v is not None}
         self.upsampler_options = {k: v for k, v in (upsampler_options or {}).items() if v is not None}
         width = clip.config.projection_dim
+        if prior.normalize_embeddings != decoder.normalize_embeddings:
+            raise UserError(
+                "the exports do not fit together: the prior makes "
+                f"{'L2-normalised' if prior.normalize_embeddings else 'unnormalised'} image embeddings, the decoder "
+                f"takes {'L2-normalised' if decoder.normalize_embeddings else 'unnormalised'} ones: train them with "
+                "the same normalize_embeddings"
+            )
         if prior.embedding_dim != width or decoder.embedding_dim != width:
             raise UserError(
                 f"the exports do not fit together: CLIP embeddings are {width}-wide, the prior makes "
@@ -148,6 +161,47 @@ class UnCLIPPipeline:
             if path is not None
         }
         pipe = cls(clip_model, tokenizer, stages["prior"], stages["decoder"], stages.get("upsampler"), **options)
+        return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        folder: str | Path,
+        clip: str | Path,
+        presets: Mapping[str, Mapping[str, Any]],
+        upsampler: bool = True,
+        device: str | torch.device | None = None,
+        option: str = "karlo",
+        **options: Any,
+    ) -> UnCLIPPipeline:
+        """A diffusers `UnCLIPPipeline` folder (Karlo's layout: `prior/`, `decoder/` + `text_proj/`,
+        `super_res_first/`; kakaobrain/karlo-v1-alpha, or what export.py writes) run as our stages: each built
+        from its preset (`presets["prior" | "decoder" | "upsampler"]`, what `conf/model/<stage>/karlo.yaml` holds:
+        sampling defaults, conventions) with `pretrained=folder`, on the frozen CLIP of the CLIP export `clip`
+        (the CLIP the folder's networks were trained with). Image sizes come from the folder."""
+        from dalle_lightning.models.pretrained import component_folder, read_config
+        from dalle_lightning.stages.decoder import KarloDecoderModule
+        from dalle_lightning.stages.prior import PriorModule
+        from dalle_lightning.stages.upsampler import KarloUpsamplerModule
+
+        check_exports({"clip": clip}, "exports.")
+        clip_model, tokenizer = load_clip_export(clip, "exports.clip")
+
+        def sample_size(component: str, class_name: str) -> int:
+            path = component_folder(folder, component, class_name, option, UNCLIP_LAYOUT)
+            return int(read_config(path, option)["sample_size"])
+
+        size = sample_size("decoder", "UNet2DConditionModel")
+        common = {"clip_export": str(clip), "optim": {}}
+        prior = PriorModule({**presets["prior"], "pretrained": str(folder), "embedding_dim": None}, **common)
+        decoder = KarloDecoderModule({**presets["decoder"], "pretrained": str(folder), "image_size": size}, **common)
+        high = None
+        if upsampler:
+            model = {**presets["upsampler"], "pretrained": str(folder), "low_res_size": size, "train_crop": None}
+            model["image_size"] = sample_size("super_res_first", "UNet2DModel")
+            high = KarloUpsamplerModule(model, **common)
+        stages = [module.eval().requires_grad_(False) for module in (prior, decoder, high) if module is not None]
+        pipe = cls(clip_model, tokenizer, *stages, **options)
         return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     def to(self, device: str | torch.device) -> UnCLIPPipeline:
@@ -185,14 +239,18 @@ class UnCLIPPipeline:
 
     @torch.no_grad()
     def image_embeddings(self, images: Sequence[ImageInput] | torch.Tensor) -> torch.Tensor:
-        """L2-normalised CLIP image embeddings of images (any size: CLIP resizes them)."""
-        return encode_images(self.clip, images_to_tensor(images).to(self.device))
+        """CLIP image embeddings of images (any size: CLIP resizes them), L2-normalised if the decoder takes them so."""
+        pixels = images_to_tensor(images).to(self.device)
+        return encode_images(self.clip, pixels, normalize=self.decoder.normalize_embeddings)
 
     @torch.no_grad()
     def prior_embeddings(self, prompts: Sequence[str], generator: torch.Generator) -> torch.Tensor:
         """Image embeddings the prior samples for the prompts (best of its candidates)."""
         ids, mask = self.tokenize(prompts)
-        batch = {"txt_emb": encode_texts(self.clip, ids, mask), "txt_ids": ids}
+        batch = {
+            "txt_emb": encode_texts(self.clip, ids, mask, normalize=self.prior.normalize_embeddings),
+            "txt_ids": ids,
+        }
         return self.prior.sample(batch, generator=generator, **self.prior_options)
 
     # --- decoding ------------------------------------------------------------------------------------------
@@ -227,6 +285,10 @@ class UnCLIPPipeline:
         if known is not None:  # keep every unmasked pixel exactly as it was
             images = known[1] * images + (1 - known[1]) * known[0]
         return images
+
+    def _with_norm(self, unit: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+        """Unit embeddings (a slerp's) at `norm` for a decoder that takes embeddings as CLIP projects them."""
+        return unit if self.decoder.normalize_embeddings else unit * norm
 
     def _shared_noise(self, n: int, size: int, generator: torch.Generator | None) -> torch.Tensor:
         return torch.randn((1, 3, size, size), generator=generator, device=self.device).expand(n, -1, -1, -1)
@@ -295,7 +357,7 @@ class UnCLIPPipeline:
         generator = self.generator(seed)
         (a, a_name), (b, b_name) = self._endpoint(start, generator), self._endpoint(end, generator)
         fractions = torch.linspace(0, 1, steps, device=self.device)[:, None]
-        embeds = slerp(a[None], b[None], fractions)
+        embeds = self._with_norm(slerp(a[None], b[None], fractions), torch.lerp(a.norm(), b.norm(), fractions))
         out = self.decode(embeds, generator=generator, same_noise=True)
         captions = [f"{a_name} → {b_name}"] * steps
         return self._finish(out, embeds, captions, [False] * steps)
@@ -317,6 +379,7 @@ class UnCLIPPipeline:
         texts = self.text_embeddings([source, target])
         direction = F.normalize(texts[1] - texts[0], dim=-1)[None]
         embeds = slerp(image_embed, direction, torch.tensor(amounts, device=self.device)[:, None].float())
+        embeds = self._with_norm(embeds, image_embed.norm(dim=-1, keepdim=True))
         out = self.decode(embeds, generator=self.generator(seed), same_noise=True)
         captions = [f"{source} → {target}"] * len(amounts)
         return self._finish(out, embeds, captions, [False] * len(amounts))

@@ -44,19 +44,26 @@ def guided_sample(
 ) -> torch.Tensor:
     """Run `scheduler` from `noise` (seeded by `generator`). `denoise(x, t, with_uncond)` returns the model
     output for x, or for [x, x] (conditional then unconditional halves) when `with_uncond`, so guidance is
-    one forward pass. `after_step(x, i)` may edit the sample after step `i` (inpainting pins known pixels)."""
+    one forward pass. `after_step(x, i)` may edit the sample after step `i` (inpainting pins known pixels). A model
+    with more output channels than the sample has learned its variance in them (`variance_type="learned_range"`)."""
     x = noise * scheduler.init_noise_sigma
     guide = guidance_scale != 1.0
     # DDIM's default steps with the model's own noise estimate even when thresholding has changed its x0, so the
     # sample drifts from what the thresholded x0 implies (at 50 steps the colours wash out: docs/experiments.md).
     options = {"use_clipped_model_output": True} if isinstance(scheduler, DDIMScheduler) else {}
+    # DDPM reads a learned variance from the model's extra channels, DPM-Solver drops them itself.
+    learns_variance = scheduler.config.get("variance_type") in ("learned", "learned_range")
     for i, t in enumerate(tqdm(scheduler.timesteps, disable=not progress, desc="sampling", leave=False)):
         model_input = scheduler.scale_model_input(x, t)
         if guide:
             conditional, unconditional = denoise(torch.cat([model_input, model_input]), t, True).chunk(2)
             output = unconditional + guidance_scale * (conditional - unconditional)
+            if output.ndim == 4 and output.shape[1] > x.shape[1]:  # a learned variance is not guided (GLIDE, unCLIP)
+                output = torch.cat([output[:, : x.shape[1]], conditional[:, x.shape[1] :]], 1)
         else:
             output = denoise(model_input, t, False)
+        if output.ndim == 4 and output.shape[1] > x.shape[1] and not learns_variance:
+            output = output[:, : x.shape[1]]  # a sampler that takes no variance (DDIM) steps with ε alone
         # The generator also seeds the fresh noise of stochastic samplers (DDPM), so a seed fixes the result.
         x = scheduler.step(output, t, x, generator=generator, **options).prev_sample
         if after_step is not None:

@@ -59,28 +59,70 @@ def image_to_pixel_values(images: torch.Tensor, image_size: int) -> torch.Tensor
     return ((images + 1) / 2 - mean) / std
 
 
-def encode_images(model: CLIPModel, images: torch.Tensor) -> torch.Tensor:
-    """L2-normalised image embeddings of images in [-1, 1]."""
+def encode_images(model: CLIPModel, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    """Image embeddings of images in [-1, 1]: L2-normalised, or with `normalize=False` as CLIP projects them
+    (`image_embeds`, what Karlo and Kandinsky condition on)."""
     pixels = image_to_pixel_values(images, model.config.vision_config.image_size)
-    return F.normalize(_features(model.get_image_features(pixel_values=pixels)), dim=-1)
+    features = _features(model.get_image_features(pixel_values=pixels))
+    return F.normalize(features, dim=-1) if normalize else features
 
 
-def encode_texts(model: CLIPModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """L2-normalised text embeddings of token ids."""
+def encode_texts(
+    model: CLIPModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, normalize: bool = True
+) -> torch.Tensor:
+    """Text embeddings of token ids: L2-normalised, or with `normalize=False` as CLIP projects them."""
     if attention_mask is not None:
         # Drop the padding columns no caption in the batch reaches: under the causal mask the result is the
         # same, and short captions padded to the context length would otherwise double the text encoder's work.
         length = int(attention_mask.sum(1).max())
         input_ids, attention_mask = input_ids[:, :length], attention_mask[:, :length]
-    output = model.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
-    return F.normalize(_features(output), dim=-1)
+    features = _features(model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
+    return F.normalize(features, dim=-1) if normalize else features
+
+
+def unit_norm(embeddings: torch.Tensor) -> bool:
+    """Whether every embedding (..., D) has unit length, to float16 precision (as embedding shards store them)."""
+    return bool(((embeddings.float().norm(dim=-1) - 1).abs() < 0.01).all())
+
+
+def text_special_ids(text_config: Any) -> tuple[int, int]:
+    """(start-of-text, end-of-text) ids of a CLIP text config. transformers reads eos_token_id == 2 as OpenAI's
+    legacy config (openai/clip-vit-large-patch14, Karlo's text encoder), whose start and end of text are the last
+    two ids of the vocabulary (49406, 49407), whatever bos/eos_token_id say."""
+    if text_config.eos_token_id == 2:
+        return text_config.vocab_size - 2, text_config.vocab_size - 1
+    return text_config.bos_token_id, text_config.eos_token_id
+
+
+def text_mask(input_ids: torch.Tensor, text_config: Any) -> torch.Tensor:
+    """The mask of tokens up to and including the first end-of-text token: padding ids cannot tell where text
+    ends (OpenAI's tokenizer pads with EOS, Karlo's with "!")."""
+    is_eos = input_ids == text_special_ids(text_config)[1]
+    return (is_eos.cumsum(1) - is_eos.long()) == 0
 
 
 def text_token_encodings(text_model: Any, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A CLIP text transformer's per-token encodings (B, L, W) and the mask of tokens up to and including the
-    first end-of-text token: padding ids cannot tell where text ends (OpenAI's tokenizer pads with EOS)."""
-    is_eos = input_ids == text_model.config.eos_token_id
-    mask = (is_eos.cumsum(1) - is_eos.long()) == 0
+    """A CLIP text transformer's per-token encodings (B, L, W) and their `text_mask`."""
+    mask = text_mask(input_ids, text_model.config)
     with torch.no_grad():
         encodings = text_model(input_ids=input_ids, attention_mask=mask.long()).last_hidden_state
     return encodings, mask
+
+
+def text_features(clip: Any, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What a CLIP text tower hands an unCLIP prior or decoder, as `UnCLIPPipeline` takes it from
+    `CLIPTextModelWithProjection`: the projected pooled embedding (`text_embeds`, not normalised), the last hidden
+    states (B, L, W) and their `text_mask`. `clip` is a `CLIPModel` or a `CLIPTextModelWithProjection`."""
+    with torch.no_grad():
+        output = clip.text_model(input_ids=input_ids)
+        embeds = clip.text_projection(output.pooler_output)
+    return embeds, output.last_hidden_state, text_mask(input_ids, clip.text_model.config)
+
+
+def empty_caption_ids(text_config: Any, length: int, batch: int = 1) -> torch.Tensor:
+    """Token ids of the empty caption ("": start and end of text), the null text of classifier-free guidance
+    in Karlo and Kandinsky. Positions after the end of text are masked (`text_mask`): their ids do not matter."""
+    bos, eos = text_special_ids(text_config)
+    ids = torch.full((batch, length), eos, dtype=torch.long)
+    ids[:, 0] = bos
+    return ids

@@ -16,14 +16,28 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_model
 from torch import nn
 
+from dalle_lightning.diffusion.objectives import hybrid_loss
 from dalle_lightning.diffusion.sampling import guided_sample, sampling_scheduler
 from dalle_lightning.errors import UserError
 from dalle_lightning.metrics.image import ClipScore
-from dalle_lightning.models.clip import encode_images, text_token_encodings
-from dalle_lightning.models.decoder import build_decoder_context, build_decoder_unet, check_attention_heads
+from dalle_lightning.models.clip import (
+    empty_caption_ids,
+    encode_images,
+    text_features,
+    text_token_encodings,
+    unit_norm,
+)
+from dalle_lightning.models.decoder import (
+    build_decoder_context,
+    build_decoder_unet,
+    build_karlo_decoder,
+    check_attention_heads,
+    load_karlo_decoder,
+)
 from dalle_lightning.stages.diffusion import Condition, ImageDiffusionModule, first
 
 EMBEDDING_SOURCES = ("clip", "shards")
@@ -34,6 +48,7 @@ class DecoderModule(ImageDiffusionModule):
     shards; with `model.text_tokens`, also `input_ids` (the CLIP export's tokenizer)."""
 
     stage_name = "decoder"
+    normalize_embeddings = True  # L2-normalised CLIP image embeddings (Karlo's take them as CLIP projects them)
     # What export() writes, for export.load_stage_export.
     export_weights: ClassVar[dict[str, str]] = {
         "unet": "unet/diffusion_pytorch_model.safetensors",
@@ -58,14 +73,18 @@ class DecoderModule(ImageDiffusionModule):
         self.image_size = int(model["image_size"])
         self.embedding_dim = self.clip.config.projection_dim
         self.text_tokens = bool(model["text_tokens"])
+        self.build_networks(model)
+        self.image_drop_prob = float(model["image_drop_prob"])
+        self.text_drop_prob = float(model["text_drop_prob"])
+
+    def build_networks(self, model: Mapping[str, Any]) -> None:
+        """The UNet and what conditions it: the cross-attention context and the image embedding's scale."""
         self.context = build_decoder_context(model, self.embedding_dim, self.clip.config.text_config.hidden_size)
         self.unet = build_decoder_unet(model, self.embedding_dim)
         # An L2-normalised embedding has entries of RMS 1/sqrt(D): added unscaled to the timestep embedding,
         # it starts an order of magnitude weaker than the timestep and Adam takes most of a short run to grow it.
         rms = model["class_embedding_rms"]
         self.class_scale = 1.0 if rms is None else float(rms) * self.embedding_dim**0.5
-        self.image_drop_prob = float(model["image_drop_prob"])
-        self.text_drop_prob = float(model["text_drop_prob"])
 
     def on_fit_start(self) -> None:
         # At fit, not construction: decoders exported with such heads still load and sample.
@@ -92,9 +111,16 @@ class DecoderModule(ImageDiffusionModule):
                     f"the shards hold {embedding.shape[-1]}-wide image embeddings but stage.clip_export is "
                     f"{self.embedding_dim}-wide: embed the shards with that CLIP (embed.py) or name the right export"
                 )
-            return torch.nn.functional.normalize(embedding, dim=-1)
+            if self.normalize_embeddings:
+                return torch.nn.functional.normalize(embedding, dim=-1)
+            if unit_norm(embedding):
+                raise UserError(
+                    "the shards hold unit-norm image embeddings but this decoder takes them as CLIP projects them: "
+                    "embed the shards with embed.py normalize=false"
+                )
+            return embedding
         with torch.no_grad():
-            return encode_images(self.clip, batch["image"])
+            return encode_images(self.clip, batch["image"], normalize=self.normalize_embeddings)
 
     def condition(
         self,
@@ -231,6 +257,96 @@ class DecoderModule(ImageDiffusionModule):
             "embedding_dim": self.embedding_dim,
             "text_tokens": self.text_tokens,
             "num_image_tokens": int(self.config["num_image_tokens"]),
+            **self.sampling_defaults(),
+        }
+        (path / "decoder_config.json").write_text(json.dumps(config, indent=2))
+
+
+class KarloDecoderModule(DecoderModule):
+    """Karlo's decoder (`model/decoder=karlo`): `DecoderModule`'s training, sampling and metrics on Karlo's networks.
+    A GLIDE-style UNet with learned variance, trained on the hybrid loss, conditioned through `UnCLIPTextProjModel`
+    on the CLIP image embedding as CLIP projects it and on the caption (pooled embedding and token encodings from
+    the frozen CLIP's text tower, `text_features`). Classifier-free dropout swaps in the learned null image embedding
+    (`image_drop_prob`) and the empty caption (`text_drop_prob`), what guidance contrasts with. `pretrained` loads
+    `decoder/` + `text_proj/` of a Karlo-layout folder; the export has that layout too."""
+
+    normalize_embeddings = False
+    variance_type = "learned_range"
+    export_weights: ClassVar[dict[str, str]] = {
+        "unet": "decoder/diffusion_pytorch_model.safetensors",
+        "text_proj": "text_proj/diffusion_pytorch_model.safetensors",
+    }
+
+    def build_networks(self, model: Mapping[str, Any]) -> None:
+        if not self.text_tokens:
+            raise UserError("model.decoder.text_tokens=false: Karlo's decoder always reads the caption; set it to true")
+        if model["prediction_type"] != "epsilon":
+            raise UserError(
+                f"model.decoder.prediction_type={model['prediction_type']}: Karlo's decoder predicts the noise and "
+                "learns its variance with the hybrid loss; set it to epsilon"
+            )
+        text_width = self.clip.config.text_config.hidden_size
+        if model["pretrained"]:
+            option = f"model.decoder.pretrained='{model['pretrained']}'"
+            self.unet, self.text_proj = load_karlo_decoder(model["pretrained"], "model.decoder.pretrained")
+            if self.text_proj.config.clip_embeddings_dim != self.embedding_dim or text_width != self.embedding_dim:
+                raise UserError(
+                    f"{option} takes {self.text_proj.config.clip_embeddings_dim}-wide CLIP embeddings and caption "
+                    f"encodings but stage.clip_export makes {self.embedding_dim}-wide embeddings and {text_width}-wide "
+                    "encodings: train with the CLIP it was trained on (Karlo: OpenAI ViT-L/14)"
+                )
+            if self.unet.config.sample_size != self.image_size:
+                raise UserError(
+                    f"{option} makes {self.unet.config.sample_size} px images but model.decoder.image_size="
+                    f"{self.image_size}: set model.decoder.image_size={self.unet.config.sample_size}"
+                )
+            return
+        if text_width != self.embedding_dim:
+            raise UserError(
+                f"stage.clip_export: text width {text_width} differs from the embedding width {self.embedding_dim}; "
+                "Karlo's decoder projects both with the same layers: use a CLIP whose text width is its embedding width"
+            )
+        self.unet, self.text_proj = build_karlo_decoder(model, self.embedding_dim)
+
+    def condition(
+        self,
+        image_embeds: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        drop_image: torch.Tensor | None = None,
+        drop_text: torch.Tensor | None = None,
+    ) -> Condition:
+        """The UNet's conditioning, as `UnCLIPPipeline` hands it over: the context with its mask (`attention_mask`,
+        the extra tokens always attended) and the addition to the timestep embedding (`class_labels`). No
+        `input_ids` (variations) is the empty caption."""
+        text_config = self.clip.config.text_config
+        length = text_config.max_position_embeddings if input_ids is None else input_ids.shape[1]
+        empty = empty_caption_ids(text_config, length, image_embeds.shape[0]).to(image_embeds.device)
+        ids = empty if input_ids is None else input_ids.long()
+        if drop_text is not None:
+            ids = torch.where(drop_text[:, None], empty, ids)
+        text_embeds, hidden_states, mask = text_features(self.clip, ids)
+        context, time = self.text_proj(image_embeds, text_embeds, hidden_states, drop_image)
+        mask = F.pad(mask, (self.text_proj.config.clip_extra_context_tokens, 0), value=True)
+        return {"encoder_hidden_states": context, "class_labels": time, "attention_mask": mask}
+
+    def objective(
+        self, output: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, noisy: torch.Tensor
+    ) -> torch.Tensor:
+        return hybrid_loss(output, self.noise, x0, noise, t, noisy)
+
+    def export(self, path: Path) -> None:
+        """Karlo's layout for the UNet and the text projection (what `pretrained` and the diffusers export read),
+        diffusers' format for the noise schedule, and how to condition and sample."""
+        self.unet.save_pretrained(str(path / "decoder"), safe_serialization=True)
+        self.text_proj.save_pretrained(str(path / "text_proj"), safe_serialization=True)
+        self.noise.save_pretrained(str(path / "scheduler"))
+        config = {
+            "clip_export": str(self.hparams.clip_export),
+            "structure": "karlo",
+            "image_size": self.image_size,
+            "embedding_dim": self.embedding_dim,
+            "text_tokens": True,
+            "normalize_embeddings": self.normalize_embeddings,
             **self.sampling_defaults(),
         }
         (path / "decoder_config.json").write_text(json.dumps(config, indent=2))

@@ -46,6 +46,7 @@ class ImageDiffusionModule(StageModule):
     compiled_networks = ("unet",)
     checkpointed_networks = ("unet",)
     stage_name = ""  # the config group its model preset is in: model.<stage_name>
+    variance_type = "fixed_small"  # "learned_range": the UNet's extra output channels are its variance
 
     def __init__(
         self,
@@ -60,9 +61,12 @@ class ImageDiffusionModule(StageModule):
         self.metrics_config = dict(metrics or {})
         read_manifest(clip_export, "clip", "stage.clip_export")
         self.clip = CLIPModel.from_pretrained(clip_export).eval().requires_grad_(False)
-        self.noise = training_scheduler(model["timesteps"], model["beta_schedule"], model["prediction_type"])
+        self.noise = training_scheduler(
+            model["timesteps"], model["beta_schedule"], model["prediction_type"], self.variance_type
+        )
         self.min_snr_gamma = model["min_snr_gamma"]
-        self.timestep_sampling = check_timestep_sampling(model["timestep_sampling"])
+        # Exports written before presets stated it trained uniformly, as the presets that do not say otherwise.
+        self.timestep_sampling = check_timestep_sampling(model.get("timestep_sampling", "uniform"))
         # logit_normal's (mean, std): only presets that sample so carry them
         self.timestep_logit = (
             (float(model["timestep_logit_mean"]), float(model["timestep_logit_std"]))
@@ -128,8 +132,14 @@ class ImageDiffusionModule(StageModule):
         noisy = self.noise.add_noise(x0, noise, t)
         if noisy.device.type == "cuda" and self.config["channels_last"]:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
-        prediction = self.denoise(noisy, t, condition)
-        return diffusion_loss(prediction, self.noise, x0, noise, t, self.min_snr_gamma)
+        return self.objective(self.denoise(noisy, t, condition), x0, noise, t, noisy)
+
+    def objective(
+        self, output: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, noisy: torch.Tensor
+    ) -> torch.Tensor:
+        """The loss of the model's `output` for `noisy` = x0 noised with `noise` to `t`: the target MSE, min-SNR
+        weighted."""
+        return diffusion_loss(output, self.noise, x0, noise, t, self.min_snr_gamma)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         x0, condition = self.diffusion_inputs(batch, train=True)

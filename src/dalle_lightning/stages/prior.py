@@ -6,6 +6,11 @@ frozen CLIP computed once (`embed.py`), with classifier-free dropout of the text
 are standardised with statistics measured on the training data and stored in the model (`clip_mean`,
 `clip_std`). Sampling takes a few solver steps, guidance, and DALL-E 2's reranking: draw several candidates,
 keep the one closest to the text embedding.
+
+A published prior (`model.prior.pretrained`: Karlo's, Kandinsky 2.2's) brings its architecture and its statistics,
+and trains on the objective it was trained with: x0 in the normalised space, the caption dropped to the empty
+caption's embedding and encodings (`null_text: empty_caption`), embeddings as CLIP projects them, not
+L2-normalised (`normalize_embeddings: false`).
 """
 
 from __future__ import annotations
@@ -25,11 +30,13 @@ from dalle_lightning.diffusion.objectives import diffusion_loss, training_schedu
 from dalle_lightning.diffusion.sampling import guided_sample, sampling_scheduler
 from dalle_lightning.errors import UserError
 from dalle_lightning.export import read_manifest
-from dalle_lightning.models.clip import text_token_encodings
-from dalle_lightning.models.prior import build_prior
+from dalle_lightning.models.clip import empty_caption_ids, encode_texts, text_token_encodings, unit_norm
+from dalle_lightning.models.prior import PRIOR_LAYOUT, build_prior, load_prior
 from dalle_lightning.stages.base import StageModule
 
 VAL_METRICS = ("cos_sampled", "cos_text_baseline", "retrieval_acc")
+# What a dropped caption becomes: zeros, or the empty caption (what Karlo and Kandinsky guide against).
+NULL_TEXTS = ("zeros", "empty_caption")
 
 
 class PriorModule(StageModule):
@@ -56,18 +63,35 @@ class PriorModule(StageModule):
         read_manifest(clip_export, "clip", "stage.clip_export")
         clip_config = CLIPConfig.from_pretrained(clip_export)
         self.embedding_dim = clip_config.projection_dim
-        self.text_tokens = bool(model["text_tokens"])
-        num_tokens = 0
-        if self.text_tokens:
-            if clip_config.text_config.hidden_size != self.embedding_dim:
+        self.normalize_embeddings = bool(model["normalize_embeddings"])
+        self.null_text = model["null_text"]
+        if self.null_text not in NULL_TEXTS:
+            raise UserError(f"model.prior.null_text='{self.null_text}' is unknown: use one of {', '.join(NULL_TEXTS)}")
+        expected = model["embedding_dim"]
+        if expected is not None and int(expected) != self.embedding_dim:
+            raise UserError(
+                f"model.prior.embedding_dim={expected} (the CLIP this preset is for) but stage.clip_export makes "
+                f"{self.embedding_dim}-wide embeddings: train with that CLIP, or set model.prior.embedding_dim=null"
+            )
+        context = clip_config.text_config.max_position_embeddings
+        if model["pretrained"]:
+            self.prior = load_prior(model["pretrained"], "model.prior.pretrained")
+            self.text_tokens = self.check_pretrained(clip_config)
+        else:
+            self.text_tokens = bool(model["text_tokens"])
+            if self.text_tokens and clip_config.text_config.hidden_size != self.embedding_dim:
                 raise UserError(
                     f"stage.clip_export: text width {clip_config.text_config.hidden_size} differs from the embedding "
                     f"width {self.embedding_dim}; set model.prior.text_tokens=false to condition on the embedding only"
                 )
-            # Frozen, and kept out of checkpoints and exports: it is the CLIP export's, loaded from there.
-            self.text_encoder = CLIPModel.from_pretrained(clip_export).text_model.eval().requires_grad_(False)
-            num_tokens = clip_config.text_config.max_position_embeddings
-        self.prior = build_prior(model, self.embedding_dim, num_tokens)
+            self.prior = build_prior(model, self.embedding_dim, context if self.text_tokens else 0)
+        if self.text_tokens or self.null_text == "empty_caption":
+            clip = CLIPModel.from_pretrained(clip_export).eval().requires_grad_(False)
+            if self.text_tokens:
+                # Frozen, and kept out of checkpoints and exports: it is the CLIP export's, loaded from there.
+                self.text_encoder = clip.text_model
+            if self.null_text == "empty_caption":
+                self.register_null_text(clip, context)
         self.noise = training_scheduler(model["timesteps"], prediction_type=model["prediction_type"])
         self.cond_drop_prob = float(model["cond_drop_prob"])
         self.val_metrics = nn.ModuleDict(
@@ -84,6 +108,75 @@ class PriorModule(StageModule):
         encodings, mask = text_token_encodings(self.text_encoder, batch["txt_ids"].long())
         return text_embedding, encodings, mask
 
+    def register_null_text(self, clip: CLIPModel, context: int) -> None:
+        """The empty caption's text embedding and encodings, computed once with the frozen CLIP as embed.py and
+        `text_condition` compute a caption's; buffers, not state: the CLIP export gives them back."""
+        ids = empty_caption_ids(clip.config.text_config, context)
+        encodings, mask = text_token_encodings(clip.text_model, ids)
+        with torch.no_grad():
+            embedding = encode_texts(clip, ids, mask.long(), normalize=self.normalize_embeddings)
+        self.register_buffer("null_text_embedding", embedding, persistent=False)
+        self.register_buffer("null_text_encodings", encodings, persistent=False)
+        self.register_buffer("null_text_mask", mask, persistent=False)
+
+    def drop_text(
+        self,
+        drop: torch.Tensor,
+        text_embedding: torch.Tensor,
+        encodings: torch.Tensor | None,
+        mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, ...]:
+        """The text condition with the caption of the samples where `drop` (B,) bool replaced by the null text:
+        zeros (`null_text: zeros`), or the empty caption's embedding, encodings and mask."""
+        if self.null_text == "zeros":
+            text_embedding = text_embedding.masked_fill(drop[:, None], 0.0)
+            if encodings is not None:
+                encodings = encodings.masked_fill(drop[:, None, None], 0.0)
+            return text_embedding, encodings, mask
+        text_embedding = torch.where(drop[:, None], self.null_text_embedding, text_embedding)
+        if encodings is not None:
+            encodings = torch.where(drop[:, None, None], self.null_text_encodings, encodings)
+            mask = torch.where(drop[:, None], self.null_text_mask, mask)
+        return text_embedding, encodings, mask
+
+    def check_pretrained(self, clip_config: CLIPConfig) -> bool:
+        """Whether the loaded prior reads the caption's token encodings, once its widths are checked against the
+        CLIP's: one line naming what the CLIP would need to be."""
+        config = self.prior.config
+        option = f"model.prior.pretrained='{self.config['pretrained']}'"
+        if config.embedding_dim != self.embedding_dim:
+            raise UserError(
+                f"{option} is a prior over {config.embedding_dim}-wide CLIP embeddings but stage.clip_export makes "
+                f"{self.embedding_dim}-wide ones: train with the CLIP it was trained on (Karlo: ViT-L/14, 768; "
+                f"Kandinsky 2.2: ViT-bigG/14, 1280); expected {PRIOR_LAYOUT}"
+            )
+        if not config.num_embeddings:
+            return False
+        text = clip_config.text_config
+        if config.num_embeddings != text.max_position_embeddings or text.hidden_size != self.embedding_dim:
+            raise UserError(
+                f"{option} reads {config.num_embeddings} caption tokens {config.embedding_dim} wide but the CLIP of "
+                f"stage.clip_export encodes {text.max_position_embeddings} tokens {text.hidden_size} wide: train with "
+                "the CLIP the prior was trained on"
+            )
+        return True
+
+    def check_embeddings(self, image_embedding: torch.Tensor) -> None:
+        """The shards' image embeddings have the CLIP's width and this prior's convention (unit norm or not)."""
+        if image_embedding.shape[-1] != self.embedding_dim:
+            raise UserError(
+                f"the embedding shards hold {image_embedding.shape[-1]}-wide image embeddings but stage.clip_export "
+                f"is {self.embedding_dim}-wide: embed the shards with that CLIP (embed.py) or point to the right export"
+            )
+        unit = unit_norm(image_embedding)
+        if unit != self.normalize_embeddings:
+            held = "unit-norm" if unit else "not L2-normalised"
+            raise UserError(
+                f"the embedding shards hold {held} image embeddings but model.prior.normalize_embeddings="
+                f"{str(self.normalize_embeddings).lower()}: embed them with embed.py normalize="
+                f"{str(self.normalize_embeddings).lower()}"
+            )
+
     def denoise(self, x, t, text_embedding, encodings, mask) -> torch.Tensor:
         return self.prior(
             x, t, proj_embedding=text_embedding, encoder_hidden_states=encodings, attention_mask=mask
@@ -92,7 +185,7 @@ class PriorModule(StageModule):
     # --- statistics --------------------------------------------------------------------------------------
 
     def on_fit_start(self) -> None:
-        if self.prior.clip_std.abs().sum() > 0:  # restored from a checkpoint
+        if self.prior.clip_std.abs().sum() > 0:  # restored from a checkpoint, or loaded with published weights
             return
         loader = self.trainer.datamodule.train_dataloader()
         embeddings = []
@@ -101,11 +194,7 @@ class PriorModule(StageModule):
             if i + 1 >= int(self.config["stats_batches"]):
                 break
         local = torch.cat(embeddings).to(self.device)
-        if local.shape[-1] != self.embedding_dim:
-            raise UserError(
-                f"the embedding shards hold {local.shape[-1]}-wide image embeddings but stage.clip_export is "
-                f"{self.embedding_dim}-wide: embed the shards with that CLIP (embed.py) or point to the right export"
-            )
+        self.check_embeddings(local)
         mean, std = local.mean(0, keepdim=True), local.std(0, keepdim=True)
         gathered_mean, gathered_std = self.all_gather(mean), self.all_gather(std)
         if gathered_mean.ndim > mean.ndim:  # average the ranks' statistics
@@ -118,17 +207,30 @@ class PriorModule(StageModule):
 
     # --- training ----------------------------------------------------------------------------------------
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def batch_loss(
+        self,
+        batch: Mapping[str, torch.Tensor],
+        t: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        drop: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The objective on a batch: MSE of the predicted clean normalised image embedding (x0) at timesteps `t`
+        with `noise`, the captions where `drop` (B,) replaced by the null text; unset ones are drawn at random."""
         x0 = self.normalise(batch["img_emb"].float())
-        text_embedding, encodings, mask = self.text_condition(batch)
-        drop = torch.rand(x0.shape[0], device=self.device) < self.cond_drop_prob
-        text_embedding = text_embedding.masked_fill(drop[:, None], 0.0)
-        if encodings is not None:
-            encodings = encodings.masked_fill(drop[:, None, None], 0.0)
-        t = torch.randint(0, self.noise.config.num_train_timesteps, (x0.shape[0],), device=self.device)
-        noise = torch.randn_like(x0)
-        prediction = self.denoise(self.noise.add_noise(x0, noise, t), t, text_embedding, encodings, mask)
-        loss = diffusion_loss(prediction, self.noise, x0, noise, t)
+        if drop is None:
+            drop = torch.rand(x0.shape[0], device=self.device) < self.cond_drop_prob
+        if t is None:
+            t = torch.randint(0, self.noise.config.num_train_timesteps, (x0.shape[0],), device=self.device)
+        if noise is None:
+            noise = torch.randn_like(x0)
+        text = self.drop_text(drop, *self.text_condition(batch))
+        prediction = self.denoise(self.noise.add_noise(x0, noise, t), t, *text)
+        return diffusion_loss(prediction, self.noise, x0, noise, t)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        if self.global_step == 0 and batch_idx == 0:
+            self.check_embeddings(batch["img_emb"])
+        loss = self.batch_loss(batch)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -155,18 +257,20 @@ class PriorModule(StageModule):
         def denoise(x, t, with_uncond):
             if not with_uncond:
                 return self.denoise(x, t, text_embedding, encodings, mask)
-            both = lambda c: None if c is None else torch.cat([c, torch.zeros_like(c)])  # noqa: E731
-            return self.denoise(
-                x, t, both(text_embedding), both(encodings), None if mask is None else torch.cat([mask, mask])
-            )
+            twice = lambda c: None if c is None else torch.cat([c, c])  # noqa: E731
+            drop = torch.arange(x.shape[0], device=self.device) >= x.shape[0] // 2  # the second half
+            return self.denoise(x, t, *self.drop_text(drop, twice(text_embedding), twice(encodings), twice(mask)))
 
         noise = torch.randn(text_embedding.shape, generator=generator, device=self.device)
         scheduler = sampling_scheduler(sampler or self.config["sampler"], self.noise, steps)
         latents = guided_sample(denoise, noise, scheduler, guidance_scale, generator=generator)
-        embeddings = F.normalize(self.prior.post_process_latents(latents), dim=-1)
+        embeddings = self.prior.post_process_latents(latents)
+        if self.normalize_embeddings:
+            embeddings = F.normalize(embeddings, dim=-1)
         if candidates > 1:  # DALL-E 2: keep the candidate most similar to the text embedding
             embeddings = embeddings.view(-1, candidates, embeddings.shape[-1])
-            scores = (embeddings * F.normalize(batch["txt_emb"].float(), dim=-1)[:, None]).sum(-1)
+            text = F.normalize(batch["txt_emb"].float(), dim=-1)[:, None]
+            scores = (F.normalize(embeddings, dim=-1) * text).sum(-1)
             embeddings = embeddings[torch.arange(embeddings.shape[0]), scores.argmax(1)]
         return embeddings
 
@@ -174,7 +278,7 @@ class PriorModule(StageModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         image_embedding = F.normalize(batch["img_emb"].float(), dim=-1)
-        sampled = self.sample(batch)
+        sampled = F.normalize(self.sample(batch), dim=-1)
         same_group = batch["group_id"][:, None] == batch["group_id"][None, :]
         values = {
             "cos_sampled": (sampled * image_embedding).sum(-1),
@@ -207,6 +311,8 @@ class PriorModule(StageModule):
                     "clip_export": str(self.hparams.clip_export),
                     "text_tokens": self.text_tokens,
                     "embedding_dim": self.embedding_dim,
+                    "normalize_embeddings": self.normalize_embeddings,
+                    "null_text": self.null_text,
                     **{k: self.config[k] for k in ("sampler", "sample_steps", "guidance_scale", "candidates")},
                 },
                 indent=2,

@@ -22,7 +22,7 @@ from torchmetrics import MeanMetric
 
 from dalle_lightning.diffusion.sampling import guided_sample, sampling_scheduler
 from dalle_lightning.errors import UserError
-from dalle_lightning.models.upsampler import build_upsampler_unet
+from dalle_lightning.models.upsampler import build_karlo_upsampler_unet, build_upsampler_unet, load_karlo_upsampler_unet
 from dalle_lightning.stages.diffusion import Condition, ImageDiffusionModule, first
 
 
@@ -48,8 +48,9 @@ class UpsamplerModule(ImageDiffusionModule):
     """Batches hold `image` at the output size (`model.image_size`); the low-resolution input is made from it."""
 
     stage_name = "upsampler"
+    unet_folder = "unet"  # where export() writes the UNet
     # What export() writes, for export.load_stage_export.
-    export_weights: ClassVar[dict[str, str]] = {"unet": "unet/diffusion_pytorch_model.safetensors"}
+    export_weights: ClassVar[dict[str, str]] = {"unet": f"{unet_folder}/diffusion_pytorch_model.safetensors"}
 
     def __init__(
         self,
@@ -76,7 +77,10 @@ class UpsamplerModule(ImageDiffusionModule):
             )
         self.blur_sigma = tuple(model["blur_sigma"])
         self.noise_aug_max = float(model["noise_aug_max"])
-        self.unet = build_upsampler_unet(model)
+        self.unet = self.build_unet(model)
+
+    def build_unet(self, model: Mapping[str, Any]) -> nn.Module:
+        return build_upsampler_unet(model)
 
     def extra_metrics(self) -> dict[str, nn.Module]:
         return {"psnr": MeanMetric(), "psnr_bicubic": MeanMetric()}
@@ -183,7 +187,7 @@ class UpsamplerModule(ImageDiffusionModule):
 
     def export(self, path: Path) -> None:
         """diffusers' format for the UNet and the noise schedule, plus the sizes and sampling defaults."""
-        self.unet.save_pretrained(str(path / "unet"), safe_serialization=True)
+        self.unet.save_pretrained(str(path / self.unet_folder), safe_serialization=True)
         self.noise.save_pretrained(str(path / "scheduler"))
         config = {
             "image_size": self.image_size,
@@ -192,3 +196,35 @@ class UpsamplerModule(ImageDiffusionModule):
             **self.sampling_defaults(),
         }
         (path / "upsampler_config.json").write_text(json.dumps(config, indent=2))
+
+
+class KarloUpsamplerModule(UpsamplerModule):
+    """Karlo's super-resolution stage (`model/upsampler=karlo`): a `UNet2DModel` on [noisy image, low-resolution
+    input upscaled as `UnCLIPPipeline` upscales it (antialiased bicubic)], with no augmentation level among its
+    inputs: the input is blurred in training, never noised. `pretrained` loads a Karlo-layout folder's
+    `super_res_first/`; the export has that layout too. (Karlo's own last step runs `super_res_last`, a copy
+    fine-tuned with adversarial and perceptual losses; this stage trains the one UNet of every step.)"""
+
+    unet_folder = "super_res_first"
+    export_weights: ClassVar[dict[str, str]] = {"unet": f"{unet_folder}/diffusion_pytorch_model.safetensors"}
+
+    def build_unet(self, model: Mapping[str, Any]) -> nn.Module:
+        if not model["pretrained"]:
+            return build_karlo_upsampler_unet(model)
+        unet = load_karlo_upsampler_unet(model["pretrained"], "model.upsampler.pretrained")
+        if unet.config.sample_size != self.image_size:
+            size = unet.config.sample_size
+            raise UserError(
+                f"model.upsampler.pretrained='{model['pretrained']}' makes {size} px images but "
+                f"model.upsampler.image_size={self.image_size}: set model.upsampler.image_size={size}"
+            )
+        return unet
+
+    def upscale(self, low: torch.Tensor) -> torch.Tensor:
+        size = low.shape[-1] * self.factor
+        return F.interpolate(low, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+
+    def condition(
+        self, low: torch.Tensor, aug_level: torch.Tensor, generator: torch.Generator | None = None
+    ) -> Condition:
+        return {"low": self.upscale(low), "class_labels": None}
