@@ -29,7 +29,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ import torch
 
 from dalle_lightning.errors import UserError, report_user_errors
 from dalle_lightning.shapes.validation import read_val_split
-from experiments.decoder_oracle import add_stack_arguments, load_pipeline
+from experiments.decoder_oracle import add_stack_arguments, load_pipeline, report
 
 SETS = ("replacement", "editing", "editing_replacement")
 
@@ -122,7 +121,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from dalle_lightning.export import check_exports, load_stage_export
     from dalle_lightning.pipeline import UnCLIPPipeline
     from dalle_lightning.shapes.oracle import judge
-    from dalle_lightning.visualize import captioned_grid
 
     pipe, _ = load_pipeline(args.exports, None, args.threads)
     check_exports({"decoder": args.editing}, "--")
@@ -193,15 +191,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         }
 
     columns = [real, real * (1 - holes), *(results[name] for name in SETS)]  # the hole grey (0)
-    rows = [(captions[i], [c[i] for c in columns]) for i in range(min(args.grid_rows, len(scenes)))]
     grid_path = Path(args.grid) if args.grid else Path(args.editing).parent / "editing_grid.png"
-    captioned_grid(rows, cell=64).save(grid_path)
-    out["grid"] = f"{grid_path} (columns: real, masked (grey hole), {', '.join(SETS)})"
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
-    return out
+    return report(out, captions, columns, ["real", "masked (grey hole)", *SETS], grid_path, args)
 
 
 if __name__ == "__main__":
