@@ -1,7 +1,7 @@
 """Inpainting on Shapes: replacement sampling against a decoder trained to edit.
 
 For two-object (relation) scenes of the Shapes validation split, one object is hidden under a hole (its bounding
-box grown by a pixel, at the decoder's size; the objects alternate between first and second) and the scene is
+box grown by `--grow` pixels, at the decoder's size; the objects alternate between first and second) and the scene is
 inpainted from the prior's embedding of its caption, which names both objects (`--steer image`: from the
 image's own CLIP embedding instead). Every decoder starts from the same embeddings and the same noise:
 
@@ -15,14 +15,15 @@ Per set, read back by the Shapes oracle (`shapes/oracle.py`):
   - `hidden_colour_shape`: ... of its colour and its shape;
   - `all`: the whole caption holds (both objects, colours bound to shapes, the relation, nothing else);
   - `seam`: mean absolute difference (0-255, over channels) between neighbouring pixels across the hole's
-    border; `known`: the same between neighbouring pixels both outside the hole; `seam_ratio`: seam / known.
-    `real` gives the figures of the validation images themselves (the border crosses background there).
+    border; `known`: the same between neighbouring pixels both outside the hole; `seam_ratio`: seam / known;
+    `seam_drawn`: the seam over the scenes where the hidden colour was found (an object drawn against the
+    border is cut there; an empty hole has no seam). `real`: the validation images themselves.
 
 Images are the decoder's (no upsampler). Prints one JSON object (`--json PATH` also writes it) and writes a grid:
 per scene the real image, the masked one and each set's result.
 
-Examples:
-  python -m experiments.editing --editing outputs/demo/export/decoder_edit                     # N=256 scenes
+Examples (after `python train.py experiment=demo/decoder_edit paths.export_dir=outputs/demo/export`):
+  python -m experiments.editing                                        # the demo's exports, N=256 scenes
   python -m experiments.editing --editing /tmp/run/export/decoder_edit --steer image --num-scenes 128
 """
 
@@ -47,9 +48,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.splitlines()[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_stack_arguments(p)
-    p.add_argument("--editing", required=True, help="the editing decoder's export (model.decoder.inpainting=true)")
+    p.add_argument("--editing", default=None, help="the editing decoder's export (default: <exports>/decoder_edit)")
     p.add_argument("--num-scenes", type=int, default=256, help="relation scenes inpainted (N)")
     p.add_argument("--steer", choices=("prompt", "image"), default="prompt", help="the embedding that steers")
+    p.add_argument("--grow", type=int, default=1, help="pixels (at the decoder's size) the hole adds to the box")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
@@ -71,10 +73,12 @@ def object_box(obj: dict[str, Any], scale: float, size: int, grow: int = 0) -> t
     )
 
 
-def hidden_boxes(metas: list[dict[str, Any]], size: int) -> list[tuple[int, dict[str, Any], tuple[int, ...]]]:
+def hidden_boxes(
+    metas: list[dict[str, Any]], size: int, grow: int = 1
+) -> list[tuple[int, dict[str, Any], tuple[int, ...]]]:
     """Per usable relation scene (index, the hidden object, its hole (top, left, bottom, right) at `size` px):
-    the first object of even scenes, the second of odd ones, its box grown by a pixel; scenes where the hole
-    would reach the other object's box are left out (the hole must hide one object only)."""
+    the first object of even scenes, the second of odd ones, its box grown by `grow` pixels; scenes where the
+    hole would reach the other object's box are left out (the hole must hide one object only)."""
     out = []
     for index, meta in enumerate(metas):
         if meta.get("kind") != "relation":
@@ -82,7 +86,7 @@ def hidden_boxes(metas: list[dict[str, Any]], size: int) -> list[tuple[int, dict
         scale = size / meta["width"]
         objects = meta["objects"]
         hidden, other = (objects[0], objects[1]) if len(out) % 2 == 0 else (objects[1], objects[0])
-        hole, keep = object_box(hidden, scale, size, grow=1), object_box(other, scale, size)
+        hole, keep = object_box(hidden, scale, size, grow), object_box(other, scale, size)
         overlaps = hole[0] < keep[2] and keep[0] < hole[2] and hole[1] < keep[3] and keep[1] < hole[3]
         if not overlaps:
             out.append((index, hidden, hole))
@@ -99,19 +103,18 @@ def found_hidden(image: torch.Tensor, hidden: dict[str, Any], hole: tuple[int, .
     return bool(colour), any(o.shape == hidden["shape"] for o in colour)
 
 
-def seam_sums(images: torch.Tensor, holes: torch.Tensor) -> dict[str, float]:
-    """Sums and counts of |difference| (0-255, mean over channels) of neighbouring pixels across the holes'
-    borders and within the known region."""
+def seam_sums(images: torch.Tensor, holes: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per image, sums and counts of |difference| (0-255, mean over channels) of neighbouring pixels across
+    the holes' borders (`seam`) and within the known region (`known`)."""
     pixels = (images.clamp(-1, 1) + 1) * 127.5
-    out = {"seam": 0.0, "seam_n": 0.0, "known": 0.0, "known_n": 0.0}
+    out = {key: torch.zeros(images.shape[0]) for key in ("seam", "seam_n", "known", "known_n")}
     for dim in (2, 3):
         diff = (pixels.diff(dim=dim)).abs().mean(1, keepdim=True)
         a, b = holes.narrow(dim, 0, holes.shape[dim] - 1), holes.narrow(dim, 1, holes.shape[dim] - 1)
         across, known = (a != b).float(), ((a == 0) & (b == 0)).float()
-        out["seam"] += float((diff * across).sum())
-        out["seam_n"] += float(across.sum())
-        out["known"] += float((diff * known).sum())
-        out["known_n"] += float(known.sum())
+        for key, pairs in (("seam", across), ("known", known)):
+            out[key] += (diff * pairs).flatten(1).sum(1)
+            out[f"{key}_n"] += pairs.flatten(1).sum(1)
     return out
 
 
@@ -122,6 +125,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from dalle_lightning.pipeline import UnCLIPPipeline
     from dalle_lightning.shapes.oracle import judge
 
+    args.editing = args.editing or str(Path(args.exports) / "decoder_edit")
     pipe, _ = load_pipeline(args.exports, None, args.threads)
     check_exports({"decoder": args.editing}, "--")
     editor = load_stage_export(args.editing, "decoder", clip_export=Path(args.exports) / "clip", option="--editing")
@@ -139,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise UserError(f"--editing makes {editor.image_size} px images, the decoder {size} px: use one size")
     # Relation scenes are ~40% of the val split: read enough of it for N of them.
     data = read_val_split(Path(args.data_root), size, min(1000, 3 * args.num_scenes), args.batch_size, pipe.tokenizer)
-    scenes = hidden_boxes(data["meta"], size)[: args.num_scenes]
+    scenes = hidden_boxes(data["meta"], size, args.grow)[: args.num_scenes]
     if not scenes:
         raise UserError(f"no usable relation scenes in {args.data_root}/val")
     index = torch.tensor([i for i, _, _ in scenes])
@@ -174,13 +178,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "image_size": size,
         "num_scenes": len(scenes),
         "steer": args.steer,
+        "grow": args.grow,
         "hole_fraction": round(float(holes.mean()), 4),
     }
     for name, images in results.items():
         found = [found_hidden(image, hidden, hole) for image, (_, hidden, hole) in zip(images, scenes)]
         verdicts = [judge(image, caption) for image, caption in zip(images, captions)]
-        seams = seam_sums(images, holes)
-        seam, known = seams["seam"] / seams["seam_n"], seams["known"] / seams["known_n"]
+        sums = seam_sums(images, holes)
+        drawn = torch.tensor([c for c, _ in found])
+        seam, known = (float(sums[key].sum() / sums[f"{key}_n"].sum()) for key in ("seam", "known"))
+        seam_drawn = float(sums["seam"][drawn].sum() / sums["seam_n"][drawn].sum()) if drawn.any() else math.nan
         out[name] = {
             "hidden_colour": round(sum(c for c, _ in found) / len(found), 4),
             "hidden_colour_shape": round(sum(s for _, s in found) / len(found), 4),
@@ -188,6 +195,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "seam": round(seam, 3),
             "known": round(known, 3),
             "seam_ratio": round(seam / known, 3),
+            "seam_drawn": round(seam_drawn, 3),
         }
 
     columns = [real, real * (1 - holes), *(results[name] for name in SETS)]  # the hole grey (0)
