@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import compose_config, lines_starting, run_script, run_train, shapes_overrides, write_stage_export
@@ -168,6 +169,17 @@ def test_train_py_fine_tunes_a_decoder_export_into_an_editing_decoder(tiny_expor
     missing = run_train([*args[:2], "stage.init_from=/nonexistent/decoder", *args[3:]], tmp_path)
     assert missing.returncode == 2
     assert lines_starting(missing.stderr)[-1].startswith("error: stage.init_from='/nonexistent/decoder' is not")
+
+
+def test_the_demo_editing_recipe_starts_from_the_demo_decoder_and_exports_beside_it(tmp_path):
+    cfg = compose_config(["experiment=demo/decoder_edit"], tmp_path)
+    plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    assert (
+        plain["model"]["decoder"]["inpainting"]
+        and plain["stage"]["module"]["init_from"] == f"{tmp_path}/export/decoder"
+    )
+    assert plain["callbacks"]["export"]["dirpath"] == f"{tmp_path}/export/decoder_edit"
+    assert plain["data"]["samples_per_epoch"] == 3300  # the demo decoder's recipe underneath
 
 
 @pytest.fixture(scope="module")
