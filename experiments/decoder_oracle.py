@@ -92,7 +92,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
 
     from dalle_lightning.shapes.oracle import CompositionalAccuracy
-    from dalle_lightning.visualize import captioned_grid
 
     pipe, decoder_export = load_pipeline(args.exports, args.decoder, args.threads)
     size, bs = pipe.decoder.image_size, args.batch_size
@@ -112,10 +111,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out[name] = summary(oracle.compute())
 
     stacked = [torch.cat(images[name]) for name in SETS]
-    rows = [(captions[i], [s[i] for s in stacked]) for i in range(min(args.grid_rows, len(captions)))]
     grid_path = Path(args.grid) if args.grid else decoder_export.parent / "oracle_grid.png"
+    return report(out, captions, stacked, SETS, grid_path, args)
+
+
+def report(
+    out: dict[str, Any],
+    captions: list[str],
+    columns: list[torch.Tensor],
+    names: tuple[str, ...] | list[str],
+    grid_path: Path,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """Save the grid (a row per caption, up to `args.grid_rows`: the named image sets side by side), name it in
+    `out`, print `out` as JSON and write it to `args.json` when given; `out`."""
+    from dalle_lightning.visualize import captioned_grid
+
+    rows = [(captions[i], [c[i] for c in columns]) for i in range(min(args.grid_rows, len(captions)))]
     captioned_grid(rows, cell=64).save(grid_path)
-    out["grid"] = f"{grid_path} (columns: {', '.join(SETS)})"
+    out["grid"] = f"{grid_path} (columns: {', '.join(names)})"
     text = json.dumps(out, indent=2)
     print(text)
     if args.json:

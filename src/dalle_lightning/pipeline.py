@@ -10,8 +10,9 @@ with exactly the code and defaults it was trained with (or, `from_pretrained`, t
 `UnCLIPPipeline` folder such as Karlo's, run as our Karlo-structured stages); `prior_options`, `decoder_options` and
 `upsampler_options` override those defaults (the keyword arguments of `PriorModule.sample`,
 `DecoderModule.generate` and `UpsamplerModule.generate`). Because everything passes through the CLIP image
-embedding, unCLIP also gives variations of an image, interpolation between images or prompts, text diffs and,
-with replacement sampling, inpainting. Outputs are images in [-1, 1] on the CPU.
+embedding, unCLIP also gives variations of an image, interpolation between images or prompts, text diffs, and
+editing: inpainting and outpainting, with a decoder trained to edit (`model.decoder.inpainting=true`) or by
+replacement sampling with any other. Outputs are images in [-1, 1] on the CPU.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from dalle_lightning.diffusion.masks import next_window
 from dalle_lightning.errors import UserError
 from dalle_lightning.export import check_exports, load_clip_export, load_stage_export
 from dalle_lightning.models.clip import encode_images, encode_texts
@@ -41,6 +43,7 @@ UNCLIP_LAYOUT = (
 PromptFilter = Callable[[str], bool]
 ImageFilter = Callable[[torch.Tensor, Sequence[str]], torch.Tensor]
 ImageInput = torch.Tensor | Image.Image | str | Path
+Extension = Sequence[int | float] | int | float
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
@@ -60,19 +63,45 @@ def images_to_tensor(images: Sequence[ImageInput] | torch.Tensor, size: int | No
     tensors = []
     for image in images:
         if isinstance(image, str | Path):
-            if not Path(image).is_file():
-                raise UserError(f"image '{image}' does not exist: give paths of image files")
-            image = Image.open(image)
+            image = open_image(image, "image")
         if isinstance(image, Image.Image):
             if size is not None:
                 image = image.convert("RGB").resize((size, size), Image.BICUBIC)
             image = torch.from_numpy(np.array(to_pil(image))).permute(2, 0, 1).float() / 127.5 - 1
+        elif image.ndim != 3 or image.shape[0] != 3:
+            raise UserError(f"an image tensor of shape {tuple(image.shape)}: give (3, H, W) RGB tensors in [-1, 1]")
         elif size is not None and image.shape[-1] != size:
             image = F.interpolate(image[None].float(), size=(size, size), mode="bicubic", antialias=True)[0]
         tensors.append(image.float().clamp(-1, 1))
     if len({t.shape for t in tensors}) > 1:
         raise UserError(f"images of different sizes {sorted({tuple(t.shape[1:]) for t in tensors})}: give a size")
     return torch.stack(tensors)
+
+
+def open_image(path: str | Path, what: str) -> Image.Image:
+    """The image file at `path`, fully read; a one-line error for a missing file or one Pillow cannot read."""
+    if not Path(path).is_file():
+        raise UserError(f"{what} '{path}' does not exist: give the path of an image file")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except (UnidentifiedImageError, OSError) as err:
+        raise UserError(f"{what} '{path}' is not an image Pillow can read ({err}): give a PNG or JPEG file") from None
+
+
+def extension_pixels(extend: Extension, size: int) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) in pixels of an image of side `size`, from four values (or one for every
+    side), each a number of pixels (int) or a fraction of the side (float)."""
+    values = list(extend) if isinstance(extend, Sequence) else [extend] * 4
+    if len(values) != 4 or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+        raise UserError(f"extend={extend}: give [left, top, right, bottom], pixels (16) or fractions of the side (0.5)")
+    if any(v < 0 for v in values):
+        raise UserError(f"extend={list(values)}: extensions cannot be negative (crop the image instead)")
+    pixels = tuple(v if isinstance(v, int) else round(v * size) for v in values)
+    if not any(pixels):
+        raise UserError(f"extend={list(values)} adds no pixel to a {size} px image: nothing to generate")
+    return pixels
 
 
 @dataclass
@@ -266,7 +295,8 @@ class UnCLIPPipeline:
     ) -> torch.Tensor:
         """Images for image embeddings: decoder (with the prompts' tokens when it reads text), then upsampler.
         `same_noise` starts every image from the same noise (smooth interpolation strips); `known = (images,
-        masks)` at the output size inpaints where the mask is 1."""
+        holes)` at the output size generates where the holes are 1 and keeps every other pixel: the decoder
+        edits as it was trained to (`DecoderModule.generate`), the upsampler keeps them by replacement."""
         n = image_embeds.shape[0]
         ids = self.tokenize(prompts)[0] if prompts is not None and self.decoder.text_tokens else None
         size = self.decoder.image_size
@@ -281,7 +311,9 @@ class UnCLIPPipeline:
         )
         if self.upsampler is not None:
             noise = self._shared_noise(n, self.upsampler.image_size, generator) if same_noise else None
-            images = self.upsampler.generate(images, generator=generator, noise=noise, **self.upsampler_options)
+            images = self.upsampler.generate(
+                images, generator=generator, noise=noise, known=known, **self.upsampler_options
+            )
         if known is not None:  # keep every unmasked pixel exactly as it was
             images = known[1] * images + (1 - known[1]) * known[0]
         return images
@@ -384,6 +416,29 @@ class UnCLIPPipeline:
         captions = [f"{source} → {target}"] * len(amounts)
         return self._finish(out, embeds, captions, [False] * len(amounts))
 
+    def _edit_inputs(self, images: Sequence[ImageInput] | torch.Tensor, mode: str) -> torch.Tensor:
+        images = images_to_tensor(images).to(self.device)
+        if images.shape[-2:] != (self.image_size, self.image_size):
+            raise UserError(
+                f"{mode} takes square images at the pipeline's output size, {self.image_size} px, got "
+                f"{images.shape[-1]}x{images.shape[-2]} px: resize (or crop) the image first"
+            )
+        return images
+
+    def _edit_embeddings(
+        self, images: torch.Tensor, prompts: Sequence[str] | None, generator: torch.Generator, mode: str
+    ) -> tuple[torch.Tensor, list[str]]:
+        """The embeddings that steer the generated region: the prior's for the prompts, else each image's own."""
+        if prompts is None:
+            return self.image_embeddings(images), [mode] * images.shape[0]
+        prompts = list(prompts)
+        if len(prompts) != images.shape[0]:
+            raise UserError(f"{mode}: one prompt per image or none, got {len(prompts)} for {images.shape[0]}")
+        blocked = [self.blocked(p) for p in prompts]
+        if any(blocked):
+            raise UserError("a prompt is blocked by the prompt filter: " + prompts[blocked.index(True)])
+        return self.prior_embeddings(prompts, generator), [f"{mode}: {p}" for p in prompts]
+
     @torch.no_grad()
     def inpaint(
         self,
@@ -394,27 +449,53 @@ class UnCLIPPipeline:
     ) -> PipelineOutput:
         """Regenerate where `masks` (N, 1, S, S) or (N, S, S) is 1 and keep every other pixel, guided by the
         prompts (through the prior) or, without prompts, by each image's own embedding."""
-        images = images_to_tensor(images).to(self.device)
-        if images.shape[-1] != self.image_size:
-            raise UserError(
-                f"inpainting takes images at the pipeline's output size, {self.image_size} px, got "
-                f"{images.shape[-1]} px: resize the image first"
-            )
+        images = self._edit_inputs(images, "inpainting")
         masks = masks.to(self.device, torch.float32)
         masks = masks[:, None] if masks.ndim == 3 else masks
         if masks.shape[0] != images.shape[0] or masks.shape[-2:] != images.shape[-2:]:
             raise UserError(f"masks of shape {tuple(masks.shape)} do not match images of {tuple(images.shape)}")
+        holes = (masks > 0.5).float()
+        covered = holes.flatten(1).mean(1)
+        if (covered == 0).any():
+            raise UserError("a mask selects no pixel: nothing to inpaint (white, or 1, marks what to regenerate)")
+        if (covered == 1).any():
+            raise UserError("a mask covers the whole image: nothing is kept; use text to image or variations")
         generator = self.generator(seed)
-        if prompts is not None:
-            prompts = list(prompts)
-            blocked = [self.blocked(p) for p in prompts]
-            if any(blocked):
-                raise UserError("a prompt is blocked by the prompt filter: " + prompts[blocked.index(True)])
-            embeds, captions = self.prior_embeddings(prompts, generator), [f"inpainted: {p}" for p in prompts]
-        else:
-            embeds, captions = self.image_embeddings(images), ["inpainted"] * images.shape[0]
-        out = self.decode(embeds, prompts, generator, known=(images, (masks > 0.5).float()))
+        embeds, captions = self._edit_embeddings(images, prompts, generator, "inpainted")
+        out = self.decode(embeds, prompts, generator, known=(images, holes))
         return self._finish(out, embeds, captions, [False] * len(captions))
+
+    @torch.no_grad()
+    def outpaint(
+        self,
+        images: Sequence[ImageInput] | torch.Tensor,
+        extend: Extension,
+        prompts: Sequence[str] | None = None,
+        seed: int = 0,
+        max_new: float = 0.5,
+    ) -> PipelineOutput:
+        """Extend images beyond their borders by `extend` = [left, top, right, bottom] (pixels, or fractions of
+        the side; one value: every side), keeping every original pixel, guided by the prompts (through the prior)
+        or each image's own embedding. The canvas is filled one window of the pipeline's size at a time, each
+        at most `max_new` new (`masks.next_window`), so an extension of any size goes in steps: extend, move the
+        window outwards, extend. Images come at (S + top + bottom) x (S + left + right)."""
+        images = self._edit_inputs(images, "outpainting")
+        size = self.image_size
+        left, top, right, bottom = extension_pixels(extend, size)
+        generator = self.generator(seed)
+        embeds, captions = self._edit_embeddings(images, prompts, generator, "outpainted")
+        n, height, width = images.shape[0], size + top + bottom, size + left + right
+        canvas = torch.zeros((n, 3, height, width), device=self.device)
+        canvas[..., top : top + size, left : left + size] = images
+        hole = torch.ones((height, width), device=self.device)
+        hole[top : top + size, left : left + size] = 0
+        while hole.any():
+            y, x = next_window(hole, size, (top, left), max_new)
+            window = (..., slice(y, y + size), slice(x, x + size))
+            holes = hole[window][None, None].expand(n, -1, -1, -1)
+            canvas[window] = self.decode(embeds, prompts, generator, known=(canvas[window], holes))
+            hole[window] = 0
+        return self._finish(canvas, embeds, captions, [False] * n)
 
 
 def _is_file(text: str) -> bool:

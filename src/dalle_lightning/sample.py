@@ -13,25 +13,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from dalle_lightning.errors import UserError
 from dalle_lightning.generation import build_pipeline, read_prompts, wandb_run
-from dalle_lightning.pipeline import PipelineOutput, UnCLIPPipeline, images_to_tensor
+from dalle_lightning.pipeline import PipelineOutput, UnCLIPPipeline, images_to_tensor, open_image
 
 log = logging.getLogger(__name__)
 
-MODES = ("text", "variations", "interpolate", "textdiff", "inpaint")
+MODES = ("text", "variations", "interpolate", "textdiff", "inpaint", "outpaint")
 
 
 def inpaint_masks(mask: Any, count: int, size: int) -> torch.Tensor:
     """(count, 1, size, size) masks from a mask image file (white = regenerate) or a box [l, t, r, b] in
     fractions of the image."""
     if isinstance(mask, str):
-        if not Path(mask).is_file():
-            raise UserError(f"mask='{mask}' does not exist: give a mask image or a box [left, top, right, bottom]")
-        grey = Image.open(mask).convert("L").resize((size, size), Image.NEAREST)
+        grey = open_image(mask, "mask").convert("L").resize((size, size), Image.NEAREST)
         single = torch.frombuffer(bytearray(grey.tobytes()), dtype=torch.uint8).view(1, size, size) > 127
     elif mask is not None and len(mask) == 4 and all(0 <= float(v) <= 1 for v in mask):
         left, top, right, bottom = (round(float(v) * size) for v in mask)
@@ -42,6 +40,29 @@ def inpaint_masks(mask: Any, count: int, size: int) -> torch.Tensor:
     else:
         raise UserError("mode=inpaint needs mask=<mask image> or mask=[left, top, right, bottom] in fractions 0..1")
     return single.float()[None].expand(count, -1, -1, -1)
+
+
+def edit_images(paths: list[str], size: int) -> tuple[torch.Tensor, int]:
+    """The images to edit, at the pipeline's output size `size`, and the side they had (square images only:
+    resizing any other would distort it)."""
+    opened = [open_image(path, "image") for path in paths]
+    sides = {image.size for image in opened}
+    for path, image in zip(paths, opened):
+        if image.width != image.height:
+            raise UserError(f"image '{path}' is {image.width}x{image.height}: editing takes square images, crop it")
+    if len(sides) > 1:
+        raise UserError(f"the images have different sizes {sorted(sides)}: give images of one size")
+    return images_to_tensor(opened, size), opened[0].width
+
+
+def source_pixels(extend: Any, side: int, size: int) -> Any:
+    """`extend` with its pixel counts (ints) counted on the source image (side `side`) turned into pixels at the
+    pipeline's size `size`; fractions (floats) stay as they are."""
+
+    def scale(value: Any) -> Any:
+        return round(value * size / side) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    return [scale(v) for v in extend] if isinstance(extend, list | tuple) else scale(extend)
 
 
 def run_mode(pipe: UnCLIPPipeline, cfg: DictConfig) -> PipelineOutput:
@@ -69,13 +90,19 @@ def run_mode(pipe: UnCLIPPipeline, cfg: DictConfig) -> PipelineOutput:
         if not cfg.get("source") or not cfg.get("target"):
             raise UserError("mode=textdiff needs source='<caption of the image>' and target='<caption to move to>'")
         return pipe.text_diff(images[0], cfg.source, cfg.target, list(cfg.amounts), cfg.seed)
-    if mode == "inpaint":
+    if mode in ("inpaint", "outpaint"):
         need("images (images=[...])", len(images), 0)
-        pixels = images_to_tensor(images, pipe.image_size)
-        masks = inpaint_masks(cfg.get("mask"), len(images), pipe.image_size)
         if prompts and len(prompts) != len(images):
-            raise UserError(f"mode=inpaint takes one prompt per image or none: {len(prompts)} for {len(images)}")
-        return pipe.inpaint(pixels, masks, prompts or None, cfg.seed)
+            raise UserError(f"mode={mode} takes one prompt per image or none: {len(prompts)} for {len(images)}")
+        pixels, side = edit_images(images, pipe.image_size)
+        if mode == "inpaint":
+            masks = inpaint_masks(cfg.get("mask"), len(images), pipe.image_size)
+            return pipe.inpaint(pixels, masks, prompts or None, cfg.seed)
+        extend = cfg.get("extend")
+        if extend is None:
+            raise UserError("mode=outpaint needs extend=[left, top, right, bottom]: pixels (16) or fractions (0.5)")
+        extend = OmegaConf.to_container(extend) if OmegaConf.is_config(extend) else extend
+        return pipe.outpaint(pixels, source_pixels(extend, side, pipe.image_size), prompts or None, cfg.seed)
     raise UserError(f"mode='{mode}' is unknown: use one of {', '.join(MODES)}")
 
 

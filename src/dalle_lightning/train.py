@@ -141,6 +141,8 @@ def check_config(cfg: DictConfig) -> None:
         )
     if cfg.stage.get("clip_export"):
         read_manifest(cfg.stage.clip_export, "clip", "stage.clip_export")
+    if cfg.stage.get("init_from"):
+        read_manifest(cfg.stage.init_from, cfg.stage.name, "stage.init_from")
     if export_to := OmegaConf.select(cfg, "callbacks.export.dirpath"):
         check_export_target(export_to, cfg.stage.name)  # ExportCallback checks again for runs built without train()
     shard_options = [key for key in ("train_shards", "val_shards") if cfg.data.get(key)]

@@ -22,18 +22,21 @@ def to_pil(image: torch.Tensor | np.ndarray | Image.Image) -> Image.Image:
 
 
 def captioned_grid(rows: Sequence[tuple[str, Sequence]], cell: int = 96, caption_width: int = 200) -> Image.Image:
-    """One row per (caption, images): the caption on the left, the images (scaled to `cell` px) beside it."""
+    """One row per (caption, images): the caption on the left, the images (scaled to `cell` px high, as wide as
+    the first image's aspect makes them) beside it."""
     font = ImageFont.load_default()
     columns = max(len(images) for _, images in rows)
-    grid = Image.new("RGB", (caption_width + columns * (cell + 4), len(rows) * (cell + 4)), (255, 255, 255))
+    first = next((to_pil(image) for _, images in rows for image in images), None)
+    width = cell if first is None else max(1, round(cell * first.width / first.height))
+    grid = Image.new("RGB", (caption_width + columns * (width + 4), len(rows) * (cell + 4)), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
     for r, (caption, images) in enumerate(rows):
         top = r * (cell + 4)
         lines = textwrap.wrap(caption, width=max(10, caption_width // 7))[:6]
         draw.multiline_text((4, top + 4), "\n".join(lines), fill=(0, 0, 0), font=font)
         for c, image in enumerate(images):
-            tile = to_pil(image).resize((cell, cell), Image.NEAREST)
-            grid.paste(tile, (caption_width + c * (cell + 4), top))
+            tile = to_pil(image).resize((width, cell), Image.NEAREST)
+            grid.paste(tile, (caption_width + c * (width + 4), top))
     return grid
 
 

@@ -15,9 +15,9 @@ from dalle_lightning.shapes.datamodule import ShapesDataModule
 
 
 def read_val_split(data_root: Path, image_size: int, num_samples: int, batch_size: int, tokenizer: Any) -> dict:
-    """The first `num_samples` validation images (in [-1, 1], at the decoder's size) and their caption tokens, read
-    as evaluate.py reads them (the data module's validation loader, in shard order). Only existing shards are read:
-    nothing is rendered."""
+    """The first `num_samples` validation images (in [-1, 1], at the decoder's size), their caption tokens,
+    captions and metadata (the scenes' objects), read as evaluate.py reads them (the data module's validation
+    loader, in shard order). Only existing shards are read: nothing is rendered."""
     shards = sorted(str(p) for p in (data_root / "val").glob("*.tar"))
     if not shards:
         raise UserError(
@@ -33,7 +33,7 @@ def read_val_split(data_root: Path, image_size: int, num_samples: int, batch_siz
         tokenizer=tokenizer,
     )
     dm.setup("validate")
-    parts: dict[str, list[Any]] = {"image": [], "input_ids": [], "attention_mask": [], "caption": []}
+    parts: dict[str, list[Any]] = {"image": [], "input_ids": [], "attention_mask": [], "caption": [], "meta": []}
     count = 0
     for batch in dm.val_dataloader():
         batch = dm.on_after_batch_transfer(batch, 0)
@@ -44,8 +44,9 @@ def read_val_split(data_root: Path, image_size: int, num_samples: int, batch_siz
             break
     if count < num_samples:
         raise UserError(f"{data_root}/val holds {count} readable samples, fewer than the {num_samples} asked for")
-    out = {k: torch.cat(v)[:num_samples] for k, v in parts.items() if k != "caption"}
-    out["caption"] = [c for part in parts["caption"] for c in part][:num_samples]
+    out = {k: torch.cat(v)[:num_samples] for k, v in parts.items() if k not in ("caption", "meta")}
+    for key in ("caption", "meta"):
+        out[key] = [c for part in parts[key] for c in part][:num_samples]
     return out
 
 

@@ -6,6 +6,11 @@ As DALL-E 2's GLIDE-based decoder: the CLIP image embedding is projected into th
 asks for them, are further context tokens. Classifier-free dropout drops the image embedding (10%) and the
 text (50%) independently in training; guidance at sampling contrasts with both dropped. Embeddings come
 from embedding shards (`img_emb`, written by embed.py) or from the frozen CLIP on the fly.
+
+An editing decoder (`model.decoder.inpainting=true`, GLIDE's inpainting model) also sees the known part of the
+image and its mask as extra input channels, trained on random holes (`diffusion/masks.py`) among which the whole
+image, so it still generates from nothing. `stage.init_from=<decoder export>` starts training from an export's
+weights; the editing channels then start at zero, so the editing decoder starts as the export's decoder.
 """
 
 from __future__ import annotations
@@ -17,12 +22,14 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_model
+from safetensors.torch import load_model, save_model
 from torch import nn
 
+from dalle_lightning.diffusion.masks import check_mask_weights, random_masks
 from dalle_lightning.diffusion.objectives import hybrid_loss
 from dalle_lightning.diffusion.sampling import guided_sample, sampling_scheduler
 from dalle_lightning.errors import UserError
+from dalle_lightning.export import read_manifest
 from dalle_lightning.metrics.image import ClipScore
 from dalle_lightning.models.clip import (
     empty_caption_ids,
@@ -36,7 +43,10 @@ from dalle_lightning.models.decoder import (
     build_decoder_unet,
     build_karlo_decoder,
     check_attention_heads,
+    edit_input,
+    is_editing,
     load_karlo_decoder,
+    load_unet_weights,
 )
 from dalle_lightning.stages.diffusion import Condition, ImageDiffusionModule, first
 
@@ -64,6 +74,7 @@ class DecoderModule(ImageDiffusionModule):
         metrics: Mapping[str, Any] | None = None,
         embeddings: str = "clip",
         tokenizer: Any = None,
+        init_from: str | None = None,
     ):
         super().__init__(model, clip_export, optim, scheduler, metrics)
         self.save_hyperparameters(ignore=["tokenizer"])
@@ -76,6 +87,9 @@ class DecoderModule(ImageDiffusionModule):
         self.build_networks(model)
         self.image_drop_prob = float(model["image_drop_prob"])
         self.text_drop_prob = float(model["text_drop_prob"])
+        self.inpainting = is_editing(model)
+        self.edit_masks = check_mask_weights(model["edit_masks"]) if self.inpainting else None
+        self.init_from = init_from
 
     def build_networks(self, model: Mapping[str, Any]) -> None:
         """The UNet and what conditions it: the cross-attention context and the image embedding's scale."""
@@ -85,6 +99,33 @@ class DecoderModule(ImageDiffusionModule):
         # it starts an order of magnitude weaker than the timestep and Adam takes most of a short run to grow it.
         rms = model["class_embedding_rms"]
         self.class_scale = 1.0 if rms is None else float(rms) * self.embedding_dim**0.5
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        # At fit only (a module rebuilt from its own export never reads init_from), and before Lightning restores
+        # a checkpoint, so that a resumed run continues from its checkpoint, not from the export.
+        if stage == "fit" and self.init_from:
+            self.start_from_export(Path(self.init_from))
+
+    def start_from_export(self, path: Path, option: str = "stage.init_from") -> None:
+        """The UNet and context weights of a decoder export; editing channels it lacks start at zero."""
+        read_manifest(path, "decoder", option)
+        trained = json.loads((path / "decoder_config.json").read_text())
+        if (trained["image_size"], trained["embedding_dim"]) != (self.image_size, self.embedding_dim):
+            raise UserError(
+                f"{option}='{path}' is a {trained['image_size']} px decoder of {trained['embedding_dim']}-wide "
+                f"embeddings, this one is {self.image_size} px of {self.embedding_dim}: start from a decoder of "
+                "the same preset and CLIP"
+            )
+        try:
+            load_unet_weights(self.unet, path / self.export_weights["unet"])
+            load_model(self.context, str(path / self.export_weights["context"]))
+        except RuntimeError as err:
+            problem = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
+            raise UserError(
+                f"{option}='{path}' does not fit model.decoder ({problem[:160]}): start from a decoder export "
+                "trained with the same preset"
+            ) from None
 
     def on_fit_start(self) -> None:
         # At fit, not construction: decoders exported with such heads still load and sample.
@@ -157,10 +198,19 @@ class DecoderModule(ImageDiffusionModule):
         if train:
             drop_image = torch.rand(image.shape[0], device=self.device) < self.image_drop_prob
             drop_text = torch.rand(image.shape[0], device=self.device) < self.text_drop_prob
-        return image, self.condition(embeds, batch.get("input_ids"), drop_image, drop_text)
+        condition = self.condition(embeds, batch.get("input_ids"), drop_image, drop_text)
+        if self.inpainting:
+            holes = random_masks(image.shape[0], self.image_size, self.edit_masks, generator, self.device)
+            condition["edit"] = edit_input(image, holes)
+        return image, condition
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, condition: Condition) -> torch.Tensor:
-        return self.unet(x, t, **condition).sample
+        if not self.inpainting:
+            return self.unet(x, t, **condition).sample
+        unet_condition = {k: v for k, v in condition.items() if k != "edit"}
+        edit = condition.get("edit")
+        edit = edit_input(x, None) if edit is None else edit.to(x.dtype)
+        return self.unet(torch.cat([x, edit], 1), t, **unet_condition).sample
 
     # --- sampling ------------------------------------------------------------------------------------------
 
@@ -177,11 +227,14 @@ class DecoderModule(ImageDiffusionModule):
         progress: bool = False,
         noise: torch.Tensor | None = None,
         known: tuple[torch.Tensor, torch.Tensor] | None = None,
+        replacement: bool | None = None,
     ) -> torch.Tensor:
         """Images in [-1, 1] (N, 3, S, S) for L2-normalised image embeddings (N, D) (from the prior, or of real
         images for reconstructions); unset arguments take the config's sampling defaults. `noise` gives the
-        starting noise (e.g. the same for every frame of an interpolation). `known = (images, mask)` inpaints:
-        only where `mask` (N, 1, S, S) is 1 is the image generated, the rest is pinned to `images`."""
+        starting noise (e.g. the same for every frame of an interpolation). `known = (images, holes)` inpaints:
+        the image is generated where `holes` (N, 1, S, S) is 1 and follows `images` elsewhere. An editing decoder
+        sees the known pixels as input; any other pins them after each step (`pin_known`), which `replacement`
+        forces on (true) or off (false) for either kind."""
         config = self.config
         steps = steps or int(config["sample_steps"])
         guidance_scale = float(config["guidance_scale"] if guidance_scale is None else guidance_scale)
@@ -193,6 +246,11 @@ class DecoderModule(ImageDiffusionModule):
             ids = None if input_ids is None else torch.cat([input_ids, input_ids])
             drop = torch.cat([torch.zeros(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)]).to(self.device)
             both = self.condition(torch.cat([image_embeds, image_embeds]), ids, drop, drop)
+        if self.inpainting and known is not None:
+            # As GLIDE: guidance contrasts the embedding and text only; both passes see the known pixels.
+            conditional["edit"] = edit_input(*(k.to(self.device) for k in known))
+            if both is not None:
+                both["edit"] = torch.cat([conditional["edit"], conditional["edit"]])
 
         def denoise(x: torch.Tensor, t: torch.Tensor, with_uncond: bool) -> torch.Tensor:
             return self.denoise(x, t, both if with_uncond else conditional)
@@ -200,28 +258,12 @@ class DecoderModule(ImageDiffusionModule):
         scheduler = sampling_scheduler(sampler or config["sampler"], self.noise, steps, threshold)
         if noise is None:
             noise = torch.randn((n, 3, self.image_size, self.image_size), generator=generator, device=self.device)
-        pin = None if known is None else self.pin_known(scheduler, *known, generator)
+        replacement = not self.inpainting if replacement is None else replacement
+        pin = self.pin_known(scheduler, *known, generator) if known is not None and replacement else None
         images = guided_sample(
             denoise, noise, scheduler, guidance_scale, progress=progress, generator=generator, after_step=pin
         )
         return images.clamp(-1, 1)
-
-    def pin_known(self, scheduler, images: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None):
-        """Inpainting by replacement: after each step, outside the mask the sample is set to the known image
-        noised to the level of the next step (clean after the last), so the generated region grows to fit
-        what surrounds it. Works with any decoder, no inpainting training needed."""
-        images, mask = images.to(self.device), mask.to(self.device, images.dtype)
-        timesteps = scheduler.timesteps
-
-        def pin(x: torch.Tensor, i: int) -> torch.Tensor:
-            if i + 1 < len(timesteps):
-                fresh = torch.randn(images.shape, generator=generator, device=self.device)
-                level = self.noise.add_noise(images, fresh, timesteps[i + 1].repeat(images.shape[0]))
-            else:
-                level = images
-            return mask * x + (1 - mask) * level
-
-        return pin
 
     def sample(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
         """Reconstructions of the batch's images from their CLIP image embeddings."""
@@ -257,6 +299,7 @@ class DecoderModule(ImageDiffusionModule):
             "embedding_dim": self.embedding_dim,
             "text_tokens": self.text_tokens,
             "num_image_tokens": int(self.config["num_image_tokens"]),
+            "inpainting": self.inpainting,
             **self.sampling_defaults(),
         }
         (path / "decoder_config.json").write_text(json.dumps(config, indent=2))

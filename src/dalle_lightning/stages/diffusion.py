@@ -182,6 +182,25 @@ class ImageDiffusionModule(StageModule):
             metric.reset()
         self._metric_samples = 0
 
+    # --- sampling ------------------------------------------------------------------------------------------
+
+    def pin_known(self, scheduler, images: torch.Tensor, holes: torch.Tensor, generator: torch.Generator | None):
+        """Inpainting by replacement, for `guided_sample`'s `after_step`: after each step, outside the holes (1 =
+        generate) the sample is set to the known image noised to the level of the next step (clean after the
+        last), so the generated region grows to fit what surrounds it. Works with any UNet, no training needed."""
+        images, holes = images.to(self.device), holes.to(self.device, images.dtype)
+        timesteps = scheduler.timesteps
+
+        def pin(x: torch.Tensor, i: int) -> torch.Tensor:
+            if i + 1 < len(timesteps):
+                fresh = torch.randn(images.shape, generator=generator, device=self.device)
+                level = self.noise.add_noise(images, fresh, timesteps[i + 1].repeat(images.shape[0]))
+            else:
+                level = images
+            return holes * x + (1 - holes) * level
+
+        return pin
+
     # --- export --------------------------------------------------------------------------------------------
 
     def sampling_defaults(self) -> dict[str, Any]:

@@ -148,10 +148,12 @@ class UpsamplerModule(ImageDiffusionModule):
         generator: torch.Generator | None = None,
         progress: bool = False,
         noise: torch.Tensor | None = None,
+        known: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """High-resolution images in [-1, 1] for low-resolution images (N, 3, l, l) in [-1, 1]; `noise_aug` is
         the conditioning noise level as a fraction of the schedule (0: trust the input as it is); `noise` the
-        starting noise, when it should not come from `generator`."""
+        starting noise, when it should not come from `generator`. `known = (images, holes)` at the output size
+        keeps the images outside the holes (1 = generate) by replacement (`pin_known`)."""
         config = self.config
         steps = steps or int(config["sample_steps"])
         noise_aug = float(config["sample_noise_aug"] if noise_aug is None else noise_aug)
@@ -164,7 +166,9 @@ class UpsamplerModule(ImageDiffusionModule):
         if noise is None:
             noise = torch.randn((n, 3, size, size), generator=generator, device=self.device)
         denoise = lambda x, t, with_uncond: self.denoise(x, t, condition)  # noqa: E731 (no guidance: no text)
-        return guided_sample(denoise, noise, scheduler, 1.0, progress=progress, generator=generator).clamp(-1, 1)
+        pin = None if known is None else self.pin_known(scheduler, *known, generator)
+        images = guided_sample(denoise, noise, scheduler, 1.0, progress=progress, generator=generator, after_step=pin)
+        return images.clamp(-1, 1)
 
     def sample(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
         """Upsampled versions of the batch's images, downsampled."""
