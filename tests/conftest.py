@@ -101,8 +101,12 @@ def run_train(
 def run_script(
     script: str, args: list[str], cwd: Path, timeout: float = 300, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
-    """Run one of the root scripts (train.py, embed.py, sample.py, evaluate.py) in `cwd`; `env` adds variables."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_SILENT="true", TOKENIZERS_PARALLELISM="false", **(env or {}))
+    """Run one of the root scripts (train.py, embed.py, sample.py, evaluate.py) in `cwd`; `env` adds variables. A
+    PYTHONPATH given goes before the inherited one, which may name the source tree under test."""
+    env = dict(env or {})
+    if "PYTHONPATH" in env and os.environ.get("PYTHONPATH"):
+        env["PYTHONPATH"] = os.pathsep.join((env["PYTHONPATH"], os.environ["PYTHONPATH"]))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_SILENT="true", TOKENIZERS_PARALLELISM="false", **env)
     return subprocess.run(
         [sys.executable, str(ROOT / script), *args],
         cwd=cwd,
@@ -205,7 +209,7 @@ def write_stage_export(stage: str, clip_export: Path, tmp: Path, overrides: list
 
     from dalle_lightning.export import write_export
 
-    overrides = [f"stage={stage}", f"stage.clip_export={clip_export}", *(overrides or [])]
+    overrides = [f"stage={stage}", f"stage.clip={clip_export}", *(overrides or [])]
     cfg = OmegaConf.to_container(compose_config(overrides, tmp), resolve=True)
     torch.manual_seed(0)
     module = hydra.utils.instantiate(cfg["stage"]["module"], tokenizer=None, _convert_="all")
