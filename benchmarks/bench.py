@@ -256,6 +256,7 @@ def clip_export(workdir: Path) -> Path:
     the stages need its config (embedding width) and, for the decoder and upsampler, its frozen image encoder for
     their metrics — which no training step here runs."""
     from dalle_lightning.export import MANIFEST, write_export
+    from dalle_lightning.models.tokenizer import train_bpe
     from dalle_lightning.stages.clip import ClipModule
 
     path = workdir / "export" / "clip"
@@ -264,7 +265,8 @@ def clip_export(workdir: Path) -> Path:
     cfg = compose_config(["stage=clip", f"model.clip.projection_dim={EMBED_DIM}"], workdir)
     torch.manual_seed(0)
     with quiet():
-        module = ClipModule(plain(cfg.model.clip), plain(cfg.optim), None, None)
+        tokenizer = train_bpe(["a red circle", "two blue squares"], 300, cfg.model.clip.context_length)
+        module = ClipModule(plain(cfg.model.clip), plain(cfg.optim), None, tokenizer)
         write_export(path, "clip", module.export)
     return path
 
@@ -279,7 +281,7 @@ def build_stage(stage: str, overrides: list[str], workdir: Path):
     """(module, cfg) for `stage`, instantiated from `cfg.stage.module` exactly as train.py does."""
     from hydra.utils import instantiate
 
-    extra = [] if stage == "clip" else [f"stage.clip_export={clip_export(workdir)}"]
+    extra = [] if stage == "clip" else [f"stage.clip={clip_export(workdir)}"]
     if stage == "decoder":
         extra.append("stage.embeddings=shards")  # precomputed image embeddings: the frozen CLIP is not timed
     cfg = compose_config([f"stage={stage}", *extra, *overrides], workdir)

@@ -42,9 +42,7 @@ def build_pipeline(cfg: DictConfig) -> UnCLIPPipeline:
     if filters.get("prompt_blocklist"):
         pipe.prompt_filter = PromptBlocklist(filters.prompt_blocklist)
     if filters.get("image_concepts"):
-        pipe.image_filter = ConceptFilter(
-            pipe.clip, pipe.tokenizer, list(filters.image_concepts), filters.get("image_threshold", 0.3)
-        )
+        pipe.image_filter = ConceptFilter(pipe.clip, list(filters.image_concepts), filters.get("image_threshold", 0.3))
     return pipe
 
 

@@ -5,12 +5,17 @@
     out = pipe(["a red circle", "two blue squares"], num_images_per_prompt=4, seed=0)
     out.grid().save("grid.png")
 
-Each stage is the trained module rebuilt from its export (`export.load_stage_export`), so the pipeline samples
-with exactly the code and defaults it was trained with; `prior_options`, `decoder_options` and
+`clip` is the frozen CLIP the stages were trained on: our CLIP export or any transformers CLIP
+(`models.clip.load_frozen_clip`; a text-only CLIP, as Karlo ships, serves prompts, not image inputs). Each stage is
+the trained module rebuilt from its export (`export.load_stage_export`), so the pipeline samples with exactly the
+code and defaults it was trained with; `prior_options`, `decoder_options` and
 `upsampler_options` override those defaults (the keyword arguments of `PriorModule.sample`,
 `DecoderModule.generate` and `UpsamplerModule.generate`). Because everything passes through the CLIP image
 embedding, unCLIP also gives variations of an image, interpolation between images or prompts, text diffs and,
 with replacement sampling, inpainting. Outputs are images in [-1, 1] on the CPU.
+
+Embeddings pass between the steps L2-normalised ("unit", `models.clip.EMBEDDING_CONVENTIONS`); a stage trained on
+another convention (its `embedding_convention`, recorded in its export's manifest) gets them converted.
 """
 
 from __future__ import annotations
@@ -27,9 +32,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from dalle_lightning.errors import UserError
-from dalle_lightning.export import check_exports, load_clip_export, load_stage_export
-from dalle_lightning.models.clip import encode_images, encode_texts
-from dalle_lightning.models.tokenizer import tokenize_prompts
+from dalle_lightning.export import check_exports, load_stage_export
+from dalle_lightning.models.clip import FrozenClip, load_frozen_clip, match_convention
 from dalle_lightning.visualize import captioned_grid, to_pil
 
 PromptFilter = Callable[[str], bool]
@@ -99,8 +103,7 @@ class UnCLIPPipeline:
 
     def __init__(
         self,
-        clip,
-        tokenizer,
+        clip: FrozenClip,
         prior,
         decoder,
         upsampler=None,
@@ -110,16 +113,16 @@ class UnCLIPPipeline:
         decoder_options: Mapping[str, Any] | None = None,
         upsampler_options: Mapping[str, Any] | None = None,
     ):
-        self.clip, self.tokenizer, self.prior, self.decoder, self.upsampler = clip, tokenizer, prior, decoder, upsampler
+        self.clip, self.prior, self.decoder, self.upsampler = clip, prior, decoder, upsampler
         self.prompt_filter, self.image_filter = prompt_filter, image_filter
         self.prior_options = {k: v for k, v in (prior_options or {}).items() if v is not None}
         self.decoder_options = {k: v for k, v in (decoder_options or {}).items() if v is not None}
         self.upsampler_options = {k: v for k, v in (upsampler_options or {}).items() if v is not None}
-        width = clip.config.projection_dim
+        width = clip.projection_dim
         if prior.embedding_dim != width or decoder.embedding_dim != width:
             raise UserError(
                 f"the exports do not fit together: CLIP embeddings are {width}-wide, the prior makes "
-                f"{prior.embedding_dim}, the decoder takes {decoder.embedding_dim}: train them on the same CLIP export"
+                f"{prior.embedding_dim}, the decoder takes {decoder.embedding_dim}: train them on the same CLIP"
             )
         if upsampler is not None and upsampler.low_res_size != decoder.image_size:
             raise UserError(
@@ -138,16 +141,17 @@ class UnCLIPPipeline:
         option_prefix: str = "",
         **options: Any,
     ) -> UnCLIPPipeline:
-        """Load the stages from their export folders (`export/<stage>` after `train.py stage=<stage>`); errors
-        name the argument as `<option_prefix><stage>` (e.g. the config key `exports.prior`)."""
+        """Load the stages from their export folders (`export/<stage>` after `train.py stage=<stage>`) and the
+        frozen CLIP they were trained on (`clip`: see `load_frozen_clip`); errors name the argument as
+        `<option_prefix><stage>` (e.g. the config key `exports.prior`)."""
         check_exports({"clip": clip, "prior": prior, "decoder": decoder, "upsampler": upsampler}, option_prefix)
-        clip_model, tokenizer = load_clip_export(clip, f"{option_prefix}clip")
+        frozen = load_frozen_clip(clip, f"{option_prefix}clip", text=True, image=None)
         stages = {
-            name: load_stage_export(path, name, clip_export=clip, option=f"{option_prefix}{name}")
+            name: load_stage_export(path, name, clip=clip, option=f"{option_prefix}{name}")
             for name, path in (("prior", prior), ("decoder", decoder), ("upsampler", upsampler))
             if path is not None
         }
-        pipe = cls(clip_model, tokenizer, stages["prior"], stages["decoder"], stages.get("upsampler"), **options)
+        pipe = cls(frozen, stages["prior"], stages["decoder"], stages.get("upsampler"), **options)
         return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     def to(self, device: str | torch.device) -> UnCLIPPipeline:
@@ -175,25 +179,26 @@ class UnCLIPPipeline:
     # --- embeddings ----------------------------------------------------------------------------------------
 
     def tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, mask = tokenize_prompts(self.tokenizer, prompts)
+        ids, mask = self.clip.tokenize(prompts)
         return ids.to(self.device), mask.to(self.device)
 
     @torch.no_grad()
     def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
         """L2-normalised CLIP text embeddings."""
-        return encode_texts(self.clip, *self.tokenize(prompts))
+        return self.clip.encode_texts(*self.tokenize(prompts))
 
     @torch.no_grad()
     def image_embeddings(self, images: Sequence[ImageInput] | torch.Tensor) -> torch.Tensor:
-        """L2-normalised CLIP image embeddings of images (any size: CLIP resizes them)."""
-        return encode_images(self.clip, images_to_tensor(images).to(self.device))
+        """L2-normalised CLIP image embeddings of images (any size: the CLIP's preprocessing resizes them)."""
+        return self.clip.encode_images(images_to_tensor(images).to(self.device))
 
     @torch.no_grad()
     def prior_embeddings(self, prompts: Sequence[str], generator: torch.Generator) -> torch.Tensor:
-        """Image embeddings the prior samples for the prompts (best of its candidates)."""
+        """L2-normalised image embeddings the prior samples for the prompts (best of its candidates)."""
+        convention = _convention(self.prior)
         ids, mask = self.tokenize(prompts)
-        batch = {"txt_emb": encode_texts(self.clip, ids, mask), "txt_ids": ids}
-        return self.prior.sample(batch, generator=generator, **self.prior_options)
+        batch = {"txt_emb": self.clip.encode_texts(ids, mask, normalize=convention == "unit"), "txt_ids": ids}
+        return match_convention(self.prior.sample(batch, generator=generator, **self.prior_options), convention, "unit")
 
     # --- decoding ------------------------------------------------------------------------------------------
 
@@ -206,9 +211,10 @@ class UnCLIPPipeline:
         same_noise: bool = False,
         known: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Images for image embeddings: decoder (with the prompts' tokens when it reads text), then upsampler.
-        `same_noise` starts every image from the same noise (smooth interpolation strips); `known = (images,
-        masks)` at the output size inpaints where the mask is 1."""
+        """Images for L2-normalised image embeddings: decoder (with the prompts' tokens when it reads text; the
+        embeddings in the decoder's convention), then upsampler. `same_noise` starts every image from the same
+        noise (smooth interpolation strips); `known = (images, masks)` at the output size inpaints where the mask
+        is 1."""
         n = image_embeds.shape[0]
         ids = self.tokenize(prompts)[0] if prompts is not None and self.decoder.text_tokens else None
         size = self.decoder.image_size
@@ -218,6 +224,9 @@ class UnCLIPPipeline:
             images, masks = known
             scale = images.shape[-1] // size
             low_known = (F.avg_pool2d(images, scale), F.max_pool2d(masks, scale)) if scale > 1 else known
+        image_embeds = match_convention(
+            image_embeds, "unit", _convention(self.decoder), getattr(self.decoder, "raw_norm", None)
+        )
         images = self.decoder.generate(
             image_embeds, ids, generator=generator, noise=noise, known=low_known, **self.decoder_options
         )
@@ -259,7 +268,7 @@ class UnCLIPPipeline:
         allowed = [c for c, b in zip(captions, blocked) if not b]
         generator = self.generator(seed)
         images = torch.full((len(captions), 3, self.image_size, self.image_size), -1.0)
-        embeds = torch.zeros(len(captions), self.clip.config.projection_dim)
+        embeds = torch.zeros(len(captions), self.clip.projection_dim)
         made_images, made_embeds = [], []
         for part in _batches(allowed, batch_size, progress, "text → image"):
             made_embeds.append(self.prior_embeddings(part, generator))
@@ -352,6 +361,11 @@ class UnCLIPPipeline:
             embeds, captions = self.image_embeddings(images), ["inpainted"] * images.shape[0]
         out = self.decode(embeds, prompts, generator, known=(images, (masks > 0.5).float()))
         return self._finish(out, embeds, captions, [False] * len(captions))
+
+
+def _convention(stage: Any) -> str:
+    """The embedding convention a stage module was trained on ("unit" unless it says otherwise)."""
+    return getattr(stage, "embedding_convention", "unit")
 
 
 def _is_file(text: str) -> bool:

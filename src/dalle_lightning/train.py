@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from dalle_lightning.errors import UserError, missing_value_message
-from dalle_lightning.export import check_export_target, read_manifest
+from dalle_lightning.export import check_export_target, locate_clip
 
 if TYPE_CHECKING:
     import lightning as L
@@ -139,8 +139,8 @@ def check_config(cfg: DictConfig) -> None:
             "gradient_checkpointing=true and trainer.strategy.activation_checkpointing_policy would both recompute "
             "activations: set trainer.strategy.activation_checkpointing_policy=null or gradient_checkpointing=false"
         )
-    if cfg.stage.get("clip_export"):
-        read_manifest(cfg.stage.clip_export, "clip", "stage.clip_export")
+    if cfg.stage.get("clip"):
+        locate_clip(cfg.stage.clip, "stage.clip")
     if export_to := OmegaConf.select(cfg, "callbacks.export.dirpath"):
         check_export_target(export_to, cfg.stage.name)  # ExportCallback checks again for runs built without train()
     shard_options = [key for key in ("train_shards", "val_shards") if cfg.data.get(key)]

@@ -22,7 +22,6 @@ from torch import nn
 from dalle_lightning.diffusion.sampling import guided_sample, sampling_scheduler
 from dalle_lightning.errors import UserError
 from dalle_lightning.metrics.image import ClipScore
-from dalle_lightning.models.clip import encode_images, text_token_encodings
 from dalle_lightning.models.decoder import build_decoder_context, build_decoder_unet, check_attention_heads
 from dalle_lightning.stages.diffusion import Condition, ImageDiffusionModule, first
 
@@ -31,9 +30,12 @@ EMBEDDING_SOURCES = ("clip", "shards")
 
 class DecoderModule(ImageDiffusionModule):
     """Batches hold `image` (the target, at `model.image_size`), and `img_emb` when embeddings come from
-    shards; with `model.text_tokens`, also `input_ids` (the CLIP export's tokenizer)."""
+    shards; with `model.text_tokens`, also `input_ids` (the frozen CLIP's tokenizer)."""
 
     stage_name = "decoder"
+    needs_text_tower = True  # CLIP score, and the caption's token encodings with model.text_tokens
+    # The embeddings it is conditioned on: L2-normalised CLIP image embeddings (see models.clip).
+    embedding_convention = "unit"
     # What export() writes, for export.load_stage_export.
     export_weights: ClassVar[dict[str, str]] = {
         "unet": "unet/diffusion_pytorch_model.safetensors",
@@ -43,22 +45,22 @@ class DecoderModule(ImageDiffusionModule):
     def __init__(
         self,
         model: Mapping[str, Any],
-        clip_export: str,
+        clip: str,
         optim: Mapping[str, Any],
         scheduler: Mapping[str, Any] | None = None,
         metrics: Mapping[str, Any] | None = None,
         embeddings: str = "clip",
         tokenizer: Any = None,
     ):
-        super().__init__(model, clip_export, optim, scheduler, metrics)
+        super().__init__(model, clip, optim, scheduler, metrics)
         self.save_hyperparameters(ignore=["tokenizer"])
         if embeddings not in EMBEDDING_SOURCES:
             raise UserError(f"stage.embeddings='{embeddings}' is unknown: use clip (on the fly) or shards (img_emb)")
         self.embeddings = embeddings
         self.image_size = int(model["image_size"])
-        self.embedding_dim = self.clip.config.projection_dim
+        self.embedding_dim = self.clip.projection_dim
         self.text_tokens = bool(model["text_tokens"])
-        self.context = build_decoder_context(model, self.embedding_dim, self.clip.config.text_config.hidden_size)
+        self.context = build_decoder_context(model, self.embedding_dim, self.clip.text_width)
         self.unet = build_decoder_unet(model, self.embedding_dim)
         # An L2-normalised embedding has entries of RMS 1/sqrt(D): added unscaled to the timestep embedding,
         # it starts an order of magnitude weaker than the timestep and Adam takes most of a short run to grow it.
@@ -89,12 +91,11 @@ class DecoderModule(ImageDiffusionModule):
             embedding = batch["img_emb"].float()
             if embedding.shape[-1] != self.embedding_dim:
                 raise UserError(
-                    f"the shards hold {embedding.shape[-1]}-wide image embeddings but stage.clip_export is "
-                    f"{self.embedding_dim}-wide: embed the shards with that CLIP (embed.py) or name the right export"
+                    f"the shards hold {embedding.shape[-1]}-wide image embeddings but stage.clip is "
+                    f"{self.embedding_dim}-wide: embed the shards with that CLIP (embed.py) or name the right CLIP"
                 )
             return torch.nn.functional.normalize(embedding, dim=-1)
-        with torch.no_grad():
-            return encode_images(self.clip, batch["image"])
+        return self.clip.encode_images(batch["image"])
 
     def condition(
         self,
@@ -111,7 +112,7 @@ class DecoderModule(ImageDiffusionModule):
             image_embeds = image_embeds.masked_fill(drop_image[:, None], 0.0)
         text, text_mask = None, None
         if self.text_tokens and input_ids is not None:
-            text, text_mask = text_token_encodings(self.clip.text_model, input_ids.long())
+            text, text_mask = self.clip.text_token_encodings(input_ids.long())
             if drop_text is not None:
                 text_mask = text_mask & ~drop_text[:, None]
         context, mask = self.context(image_embeds, text, text_mask)
@@ -226,7 +227,8 @@ class DecoderModule(ImageDiffusionModule):
         self.noise.save_pretrained(str(path / "scheduler"))
         save_model(self.context, str(path / "context.safetensors"))
         config = {
-            "clip_export": str(self.hparams.clip_export),
+            "clip": str(self.hparams.clip),
+            "embeddings": self.embedding_convention,
             "image_size": self.image_size,
             "embedding_dim": self.embedding_dim,
             "text_tokens": self.text_tokens,

@@ -2,10 +2,15 @@
 
 As in DALL-E 2: a causal transformer over [text encodings, text embedding, timestep, noised image embedding,
 learned query] predicts the clean image embedding (diffusers' `PriorTransformer`), trained on embeddings a
-frozen CLIP computed once (`embed.py`), with classifier-free dropout of the text condition. Image embeddings
-are standardised with statistics measured on the training data and stored in the model (`clip_mean`,
-`clip_std`). Sampling takes a few solver steps, guidance, and DALL-E 2's reranking: draw several candidates,
-keep the one closest to the text embedding.
+frozen CLIP computed once (`embed.py`, or clip-retrieval's output such as LAION's published embeddings), with
+classifier-free dropout of the text condition.
+
+Embedding convention ("unit", see `models.clip.EMBEDDING_CONVENTIONS`): the prior takes L2-normalised text
+embeddings and returns L2-normalised image embeddings, as embed.py and clip-retrieval write them and the decoder
+takes them. Inside, image embeddings are standardised per dimension with statistics measured on the training data
+and stored in the model (`clip_mean`, `clip_std`: the buffers of Karlo's and Kandinsky's `PriorTransformer`, here
+of unit-norm embeddings) rather than scaled by sqrt(D) as DALLE2-pytorch does. Sampling takes a few solver steps,
+guidance, and DALL-E 2's reranking: draw several candidates, keep the one closest to the text embedding.
 """
 
 from __future__ import annotations
@@ -19,13 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric
-from transformers import CLIPConfig, CLIPModel
 
 from dalle_lightning.diffusion.objectives import diffusion_loss, training_scheduler
 from dalle_lightning.diffusion.sampling import guided_sample, sampling_scheduler
 from dalle_lightning.errors import UserError
-from dalle_lightning.export import read_manifest
-from dalle_lightning.models.clip import text_token_encodings
+from dalle_lightning.models.clip import load_frozen_clip
 from dalle_lightning.models.prior import build_prior
 from dalle_lightning.stages.base import StageModule
 
@@ -34,10 +37,9 @@ VAL_METRICS = ("cos_sampled", "cos_text_baseline", "retrieval_acc")
 
 class PriorModule(StageModule):
     """Diffusion prior on CLIP image embeddings. Batches hold `img_emb`, `txt_emb` and, when the model
-    conditions on text tokens, `txt_ids` (encoded here by the CLIP's frozen text encoder)."""
+    conditions on text tokens, `txt_ids` (encoded here by the frozen CLIP's text tower)."""
 
-    # The frozen text encoder comes from the CLIP export: no need to store it with every checkpoint.
-    frozen_prefixes = ("text_encoder.",)
+    embedding_convention = "unit"  # of the text embeddings it takes and the image embeddings it makes
     compiled_networks = ("prior",)
     # What export() writes, for export.load_stage_export.
     export_weights: ClassVar[dict[str, str]] = {"prior": "prior/diffusion_pytorch_model.safetensors"}
@@ -45,7 +47,7 @@ class PriorModule(StageModule):
     def __init__(
         self,
         model: Mapping[str, Any],
-        clip_export: str,
+        clip: str,
         optim: Mapping[str, Any],
         scheduler: Mapping[str, Any] | None = None,
         tokenizer: Any = None,
@@ -53,20 +55,18 @@ class PriorModule(StageModule):
         super().__init__(optim, scheduler)
         self.save_hyperparameters(ignore=["tokenizer"])
         self.config = dict(model)
-        read_manifest(clip_export, "clip", "stage.clip_export")
-        clip_config = CLIPConfig.from_pretrained(clip_export)
-        self.embedding_dim = clip_config.projection_dim
         self.text_tokens = bool(model["text_tokens"])
+        # Conditioned on embeddings alone, the prior needs no CLIP weights, only the CLIP's width.
+        self.clip = load_frozen_clip(clip, "stage.clip", text=self.text_tokens, image=False)
+        self.embedding_dim = self.clip.projection_dim
         num_tokens = 0
         if self.text_tokens:
-            if clip_config.text_config.hidden_size != self.embedding_dim:
+            if self.clip.text_width != self.embedding_dim:
                 raise UserError(
-                    f"stage.clip_export: text width {clip_config.text_config.hidden_size} differs from the embedding "
-                    f"width {self.embedding_dim}; set model.prior.text_tokens=false to condition on the embedding only"
+                    f"stage.clip: text width {self.clip.text_width} differs from the embedding width "
+                    f"{self.embedding_dim}; set model.prior.text_tokens=false to condition on the embedding only"
                 )
-            # Frozen, and kept out of checkpoints and exports: it is the CLIP export's, loaded from there.
-            self.text_encoder = CLIPModel.from_pretrained(clip_export).text_model.eval().requires_grad_(False)
-            num_tokens = clip_config.text_config.max_position_embeddings
+            num_tokens = self.clip.text_config.max_position_embeddings
         self.prior = build_prior(model, self.embedding_dim, num_tokens)
         self.noise = training_scheduler(model["timesteps"], prediction_type=model["prediction_type"])
         self.cond_drop_prob = float(model["cond_drop_prob"])
@@ -81,7 +81,7 @@ class PriorModule(StageModule):
         text_embedding = batch["txt_emb"].float()
         if not self.text_tokens:
             return text_embedding, None, None
-        encodings, mask = text_token_encodings(self.text_encoder, batch["txt_ids"].long())
+        encodings, mask = self.clip.text_token_encodings(batch["txt_ids"].long())
         return text_embedding, encodings, mask
 
     def denoise(self, x, t, text_embedding, encodings, mask) -> torch.Tensor:
@@ -103,8 +103,8 @@ class PriorModule(StageModule):
         local = torch.cat(embeddings).to(self.device)
         if local.shape[-1] != self.embedding_dim:
             raise UserError(
-                f"the embedding shards hold {local.shape[-1]}-wide image embeddings but stage.clip_export is "
-                f"{self.embedding_dim}-wide: embed the shards with that CLIP (embed.py) or point to the right export"
+                f"the training data holds {local.shape[-1]}-wide image embeddings but stage.clip is "
+                f"{self.embedding_dim}-wide: embed the data with that CLIP (embed.py) or name the right CLIP"
             )
         mean, std = local.mean(0, keepdim=True), local.std(0, keepdim=True)
         gathered_mean, gathered_std = self.all_gather(mean), self.all_gather(std)
@@ -204,7 +204,8 @@ class PriorModule(StageModule):
         (path / "prior_config.json").write_text(
             json.dumps(
                 {
-                    "clip_export": str(self.hparams.clip_export),
+                    "clip": str(self.hparams.clip),
+                    "embeddings": self.embedding_convention,
                     "text_tokens": self.text_tokens,
                     "embedding_dim": self.embedding_dim,
                     **{k: self.config[k] for k in ("sampler", "sample_steps", "guidance_scale", "candidates")},

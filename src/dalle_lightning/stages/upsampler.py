@@ -54,13 +54,13 @@ class UpsamplerModule(ImageDiffusionModule):
     def __init__(
         self,
         model: Mapping[str, Any],
-        clip_export: str,
+        clip: str,
         optim: Mapping[str, Any],
         scheduler: Mapping[str, Any] | None = None,
         metrics: Mapping[str, Any] | None = None,
         tokenizer: Any = None,
     ):
-        super().__init__(model, clip_export, optim, scheduler, metrics)
+        super().__init__(model, clip, optim, scheduler, metrics)
         self.save_hyperparameters(ignore=["tokenizer"])
         self.image_size = int(model["image_size"])
         self.low_res_size = int(model["low_res_size"])
