@@ -104,6 +104,42 @@ def test_embedding_shards_hold_the_originals_and_the_embeddings(tmp_path, clip_e
     assert (tmp_path / "b" / out.name).read_bytes() == out.read_bytes()
 
 
+def test_clip_retrieval_format_holds_the_same_embeddings_without_the_images(tmp_path, clip_export, train_shards):
+    """format=clip_retrieval: a part per shard (no image bytes), row i of its three files one sample, the same
+    embeddings as the shard format's, the sample's json flattened into columns; the prior's reader takes it."""
+    import pyarrow.parquet as pq
+
+    from dalle_lightning.data.datamodule import ClipRetrievalDataModule
+
+    shards = train_shards[:2]
+    embed_shards(shards, tmp_path / "shards", clip=str(clip_export), batch_size=16, num_workers=0)
+    summary = embed_shards(
+        shards, tmp_path / "parts", clip=str(clip_export), format="clip_retrieval", batch_size=16, num_workers=0
+    )
+    assert summary["complete"] and summary["written"] == 2 * SAMPLES_PER_SHARD and summary["format"] == "clip_retrieval"
+    stem = Path(shards[0]).stem
+    img = np.load(tmp_path / "parts" / "img_emb" / f"img_emb_{stem}.npy", allow_pickle=False)
+    txt = np.load(tmp_path / "parts" / "text_emb" / f"text_emb_{stem}.npy", allow_pickle=False)
+    table = pq.read_table(tmp_path / "parts" / "metadata" / f"metadata_{stem}.parquet")
+    assert img.dtype == txt.dtype == np.float16 and img.shape == txt.shape == (SAMPLES_PER_SHARD, 128)
+    assert {"key", "caption", "group", "heldout", "kind", "objects"} <= set(table.column_names)
+    assert table.schema.field("heldout").type == "bool" and isinstance(table.column("objects")[0].as_py(), str)
+    members = tar_members(tmp_path / "shards" / Path(shards[0]).name)
+    for row, key in enumerate(table.column("key").to_pylist()):
+        assert np.array_equal(img[row], load_npy(members[f"{key}.img_emb.npy"]))
+        assert np.array_equal(txt[row], load_npy(members[f"{key}.txt_emb.npy"]))
+        assert table.column("caption")[row].as_py() == members[f"{key}.txt"].decode()
+    assert not list((tmp_path / "parts").glob("**/*.tar")) and not list((tmp_path / "parts").glob("**/*.tmp"))
+
+    parquet = tmp_path / "parts" / "metadata" / f"metadata_{stem}.parquet"
+    mtime = parquet.stat().st_mtime_ns
+    embed_shards(shards, tmp_path / "parts", clip=str(clip_export), format="clip_retrieval", num_workers=0)
+    assert parquet.stat().st_mtime_ns == mtime  # done parts are skipped
+    dm = ClipRetrievalDataModule(str(tmp_path / "parts"), batch_size=8, samples_per_epoch=16, val_samples=8)
+    dm.setup("fit")
+    assert [p.rows for p in dm.parts] == [SAMPLES_PER_SHARD] * 2 and dm.embedding_dim == 128
+
+
 def test_reruns_skip_finished_shards_and_redo_deleted_ones(tmp_path, clip_export, train_shards):
     shards = train_shards[:2]
     out = tmp_path / "emb"
@@ -196,10 +232,12 @@ def test_root_embed_py_runs_and_reports_errors_in_one_line(tmp_path, clip_export
     assert json.loads((tmp_path / "emb" / SUMMARY).read_text())["written"] == 2 * SAMPLES_PER_SHARD
     assert list((tmp_path / "outputs" / "embed").iterdir())  # Hydra's log folder
 
-    bad = subprocess.run([*base, "clip=/nowhere"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [*base, "clip=/nowhere/no-clip"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     errors = lines_starting(bad.stderr)
     assert bad.returncode == 2 and len(errors) == 1 and "Traceback" not in bad.stderr, bad.stderr[-3000:]
-    assert "clip='/nowhere' does not exist" in errors[0]
+    assert "clip='/nowhere/no-clip' does not exist" in errors[0]
 
 
 def test_ranks_split_the_shards(tmp_path, clip_export, train_shards, monkeypatch):
@@ -222,8 +260,8 @@ def test_user_errors(tmp_path, clip_export, train_shards):
         embed_shards(str(tmp_path / "none-{0..3}.tar"), tmp_path / "o", clip=str(clip_export))
     with pytest.raises(UserError, match="is not a CLIP folder"):
         embed_shards(train_shards[0], tmp_path / "o", clip=str(tmp_path))
-    with pytest.raises(UserError, match="clip='/nowhere/clip' does not exist"):
-        embed_shards(train_shards[0], tmp_path / "o", clip="/nowhere/clip")
+    with pytest.raises(UserError, match="clip='/nowhere/no-clip' does not exist"):
+        embed_shards(train_shards[0], tmp_path / "o", clip="/nowhere/no-clip")
     with pytest.raises(UserError, match="format='tar' is unknown"):
         embed_shards(train_shards[0], tmp_path / "o", clip=str(clip_export), format="tar")
     (tmp_path / "file").write_text("")

@@ -36,6 +36,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
+from dalle_lightning.data.clip_retrieval import replace_synced, write_part
 from dalle_lightning.data.decode import SkipSample, decode_caption, decode_image, decode_json, image_member
 from dalle_lightning.data.shards import expand_shards
 from dalle_lightning.errors import UserError
@@ -209,13 +210,6 @@ class _Embedder:
         return img_emb, txt_emb, input_ids.numpy().astype(np.int32)
 
 
-def _replace_synced(tmp: Path, path: Path) -> None:
-    """Rename `tmp` over `path` once its bytes are on disk: the rename never exposes a half-written file."""
-    with open(tmp, "rb+") as file:
-        os.fsync(file.fileno())
-    os.replace(tmp, path)
-
-
 class _ShardWriter:
     """One output shard (format=shards) being written: the input's members and the embeddings, sample by sample."""
 
@@ -234,7 +228,7 @@ class _ShardWriter:
         self.writer.close()
         self.file.close()
         if keep:
-            _replace_synced(self.tmp, self.path)
+            replace_synced(self.tmp, self.path)
         else:
             self.tmp.unlink(missing_ok=True)
 
@@ -255,16 +249,10 @@ def _metadata_table(keys: list[str], captions: list[str], metas: list[dict[str, 
 
 
 class _PartWriter:
-    """One clip-retrieval part (format=clip_retrieval) being written: rows collected, the files written at close,
-    the embeddings first and the metadata last (a part whose parquet exists is complete)."""
+    """One clip-retrieval part (format=clip_retrieval) being written: rows collected, the files written at close."""
 
     def __init__(self, out: Path, stem: str, dim: int):
-        self.files = {
-            "img_emb": out / "img_emb" / f"img_emb_{stem}.npy",
-            "text_emb": out / "text_emb" / f"text_emb_{stem}.npy",
-            "metadata": out / "metadata" / f"metadata_{stem}.parquet",
-        }
-        self.dim, self.written = dim, 0
+        self.out, self.stem, self.dim, self.written = out, stem, dim, 0
         self.img_emb: list[np.ndarray] = []
         self.txt_emb: list[np.ndarray] = []
         self.keys: list[str] = []
@@ -280,23 +268,11 @@ class _PartWriter:
         self.written += len(members)
 
     def close(self, keep: bool) -> None:
-        if not keep:
-            return
-        import pyarrow.parquet as pq
-
-        empty = np.zeros((0, self.dim), np.float16)
-        for name, rows in (("img_emb", self.img_emb), ("text_emb", self.txt_emb)):
-            path = self.files[name]
-            path.parent.mkdir(exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            with open(tmp, "wb") as file:
-                np.save(file, np.concatenate(rows) if rows else empty, allow_pickle=False)
-            _replace_synced(tmp, path)
-        path = self.files["metadata"]
-        path.parent.mkdir(exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        pq.write_table(_metadata_table(self.keys, self.captions, self.metas), tmp)
-        _replace_synced(tmp, path)
+        if keep:
+            empty = np.zeros((0, self.dim), np.float16)
+            img = np.concatenate(self.img_emb) if self.img_emb else empty
+            txt = np.concatenate(self.txt_emb) if self.txt_emb else empty
+            write_part(self.out, self.stem, img, txt, _metadata_table(self.keys, self.captions, self.metas))
 
 
 @dataclass

@@ -224,8 +224,13 @@ def locate_clip(source: str | Path, option: str = "stage.clip") -> ClipLocation:
 
 
 def tokenizer_of_clip(datamodule: object, clip: str | Path, option: str = "stage.clip"):
-    """The tokenizer of the frozen CLIP: the stages after CLIP caption with it. (A stage's tokenizer factory is
-    called with the datamodule; this one needs nothing from it.)"""
+    """The tokenizer of the frozen CLIP, its length limited to the text tower's positions: the stages after CLIP
+    caption with it. (A stage's tokenizer factory is called with the datamodule; this one needs nothing from it.)"""
     from dalle_lightning.models.tokenizer import load_tokenizer
 
-    return load_tokenizer(locate_clip(clip, option).tokenizer_dir)
+    location = locate_clip(clip, option)
+    tokenizer = load_tokenizer(location.tokenizer_dir)
+    config = json.loads(((location.weights or location.text_dir) / "config.json").read_text())
+    positions = (config.get("text_config") or {}) if location.weights else config
+    tokenizer.model_max_length = min(tokenizer.model_max_length, int(positions.get("max_position_embeddings", 77)))
+    return tokenizer

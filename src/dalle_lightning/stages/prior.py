@@ -66,7 +66,7 @@ class PriorModule(StageModule):
                     f"stage.clip: text width {self.clip.text_width} differs from the embedding width "
                     f"{self.embedding_dim}; set model.prior.text_tokens=false to condition on the embedding only"
                 )
-            num_tokens = self.clip.text_config.max_position_embeddings
+            num_tokens = self.clip.context_length
         self.prior = build_prior(model, self.embedding_dim, num_tokens)
         self.noise = training_scheduler(model["timesteps"], prediction_type=model["prediction_type"])
         self.cond_drop_prob = float(model["cond_drop_prob"])
@@ -92,6 +92,10 @@ class PriorModule(StageModule):
     # --- statistics --------------------------------------------------------------------------------------
 
     def on_fit_start(self) -> None:
+        # Data that knows its width before a batch is read (a clip-retrieval folder) names its file if it is wrong.
+        check_width = getattr(self.trainer.datamodule, "check_embedding_dim", None)
+        if check_width is not None:
+            check_width(self.embedding_dim, "stage.clip")
         if self.prior.clip_std.abs().sum() > 0:  # restored from a checkpoint
             return
         loader = self.trainer.datamodule.train_dataloader()
