@@ -257,7 +257,7 @@ def write_stage_export(stage: str, clip_export: Path, tmp: Path, overrides: list
         # sample would be the zero vector, so use the identity statistics of unit-scale embeddings instead.
         module.prior.clip_mean.data.zero_()
         module.prior.clip_std.data.fill_(1.0)
-    return write_export(tmp / stage, stage, module.export, cfg)
+    return write_export(tmp / stage, stage, module.export, cfg, module.manifest_info())
 
 
 @pytest.fixture(scope="session")

@@ -250,7 +250,8 @@ def test_train_py_trains_the_prior_on_the_folder_and_resumes_after_kill_9(folder
     export = tmp_path / "export-whole" / "prior"
     manifest = json.loads((export / "dalle_lightning.json").read_text())
     assert json.loads((export / "prior_config.json").read_text())["embeddings"] == "unit"
-    assert manifest["config"]["stage"]["clip"] == str(clip)
+    assert manifest["config"]["stage"]["clip"] == manifest["clip"] == str(clip)
+    assert manifest["embeddings"] == {"convention": "unit", "dim": 32}
 
     killed = run_train(
         [

@@ -74,6 +74,8 @@ def _one_error_line(result) -> str:
             "stage.clip='/nowhere/no-clip' does not exist",
         ),
         (["data=webdataset"], "missing required config value 'data.train_shards'"),
+        (["stage=prior", "data=clip_retrieval"], "missing required config value 'data.path'"),
+        (["stage=prior", "data=clip_retrieval", "data.path=/nowhere/emb"], "data.path='/nowhere/emb' is not a folder"),
         (
             ["data=webdataset", "data.train_shards='/nowhere/shard-{0000..0009}.tar'"],
             "data.train_shards: '/nowhere/shard-{0000..0009}.tar' matches no file",

@@ -34,9 +34,16 @@ def check_export_target(path: str | Path, stage: str) -> None:
         )
 
 
-def write_export(path: str | Path, stage: str, save: Callable[[Path], None], config: Any = None) -> Path:
-    """Call `save(tmp_dir)`, add the manifest, then atomically replace `path` with the result (an earlier
-    export, or nothing: see `check_export_target`)."""
+def write_export(
+    path: str | Path,
+    stage: str,
+    save: Callable[[Path], None],
+    config: Any = None,
+    info: Mapping[str, Any] | None = None,
+) -> Path:
+    """Call `save(tmp_dir)`, add the manifest (with `info`, what the stage says of itself, e.g. its embedding
+    convention), then atomically replace `path` with the result (an earlier export, or nothing: see
+    `check_export_target`)."""
     path = Path(path)
     check_export_target(path, stage)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -46,7 +53,7 @@ def write_export(path: str | Path, stage: str, save: Callable[[Path], None], con
     tmp.mkdir()
     try:
         save(tmp)
-        manifest = {"stage": stage, "version": __version__, "config": config}
+        manifest = {"stage": stage, "version": __version__, **(info or {}), "config": config}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         if path.exists():
             path.rename(old)

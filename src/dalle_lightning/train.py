@@ -134,6 +134,10 @@ def check_config(cfg: DictConfig) -> None:
     if missing:
         raise UserError(missing_value_message(missing[0]))
     compile_options(cfg.get("compile"))
+    if cfg.data.get("path") and not Path(cfg.data.path).expanduser().is_dir():  # data=clip_retrieval's folder
+        raise UserError(
+            f"data.path='{cfg.data.path}' is not a folder: point it at a clip-retrieval output (img_emb/ ...)"
+        )
     if cfg.get("gradient_checkpointing") and OmegaConf.select(cfg, "trainer.strategy.activation_checkpointing_policy"):
         raise UserError(
             "gradient_checkpointing=true and trainer.strategy.activation_checkpointing_policy would both recompute "

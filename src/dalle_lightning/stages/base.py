@@ -91,6 +91,14 @@ class StageModule(L.LightningModule):
             self.clip._apply(fn)
         return self
 
+    def manifest_info(self) -> dict[str, Any]:
+        """What the stage's export manifest records besides its config: the frozen CLIP, and the convention of the
+        embeddings the stage takes or makes (`embedding_convention`, see `models.clip.EMBEDDING_CONVENTIONS`)."""
+        info: dict[str, Any] = {"clip": self.clip.source} if self.clip is not None else {}
+        if getattr(self, "embedding_convention", None):
+            info["embeddings"] = {"convention": self.embedding_convention, "dim": self.clip.projection_dim}
+        return info
+
     def compile_networks(self, **options: Any) -> None:
         """`torch.compile` the stage's networks in place (`nn.Module.compile`), so that state-dict keys, and with
         them checkpoints, EMA weights and exports, stay those of the eager modules. `options` go to torch.compile."""
