@@ -285,6 +285,7 @@ def test_the_chain_hands_laion_style_embeddings_through_in_one_convention(folder
     decoder = write_stage_export("decoder", clip, tmp_path, ["model.decoder.sample_steps=2"])
     assert json.loads((decoder / "decoder_config.json").read_text())["embeddings"] == "unit"
     pipe = UnCLIPPipeline.from_exports(clip, tmp_path / "export-chain" / "prior", decoder, device="cpu")
+    assert pipe.prior.clip is pipe.clip and pipe.decoder.clip is pipe.clip  # one CLIP in memory, not one per stage
 
     received = []
     generate = pipe.decoder.generate

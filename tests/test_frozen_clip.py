@@ -28,7 +28,7 @@ def a_photo(width: int = 70, height: int = 50) -> Image.Image:
 
 
 def as_tensor(image: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(image)).permute(2, 0, 1)[None].float() / 127.5 - 1
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 127.5 - 1
 
 
 def single_line(err: pytest.ExceptionInfo) -> str:

@@ -101,13 +101,13 @@ def check_exports(exports: Mapping[str, str | Path | None], option_prefix: str =
             read_manifest(path, stage, f"{option_prefix}{stage}")
 
 
-def load_stage_export(path: str | Path, stage: str, clip: str | Path | None = None, option: str | None = None):
+def load_stage_export(path: str | Path, stage: str, clip: Any = None, option: str | None = None):
     """A trained stage module (prior, decoder, upsampler) rebuilt from its export, in eval mode.
 
     The module is built as its manifest's training config says (`stage.module`), so sampling uses exactly
     the code and defaults it was trained with; then the exported weights are loaded from safetensors
-    (`module.export_weights`: submodule → file). `clip` replaces the frozen CLIP the stage was trained on
-    (e.g. when the folders were moved; see `locate_clip` for what it may be).
+    (`module.export_weights`: submodule → file). `clip` replaces the frozen CLIP the stage was trained on (e.g.
+    when the folders were moved; see `locate_clip` for what it may be), or is a `FrozenClip` already loaded.
     """
     from hydra.utils import instantiate
     from safetensors.torch import load_model
@@ -119,7 +119,7 @@ def load_stage_export(path: str | Path, stage: str, clip: str | Path | None = No
         raise UserError(f"{option}='{path}' holds no training config: export it again with train.py stage={stage}")
     if "clip_export" in module_config:  # exports written before the CLIP could be any transformers CLIP
         module_config["clip"] = module_config.pop("clip_export")
-    overrides = {"clip": str(clip)} if clip is not None else {}
+    overrides = {"clip": clip if not isinstance(clip, str | Path) else str(clip)} if clip is not None else {}
     module = instantiate(module_config, tokenizer=None, **overrides, _convert_="all")
     for name, file in module.export_weights.items():
         weights = Path(path) / file

@@ -146,8 +146,8 @@ class UnCLIPPipeline:
         `<option_prefix><stage>` (e.g. the config key `exports.prior`)."""
         check_exports({"clip": clip, "prior": prior, "decoder": decoder, "upsampler": upsampler}, option_prefix)
         frozen = load_frozen_clip(clip, f"{option_prefix}clip", text=True, image=None)
-        stages = {
-            name: load_stage_export(path, name, clip=clip, option=f"{option_prefix}{name}")
+        stages = {  # the stages share the pipeline's CLIP
+            name: load_stage_export(path, name, clip=frozen, option=f"{option_prefix}{name}")
             for name, path in (("prior", prior), ("decoder", decoder), ("upsampler", upsampler))
             if path is not None
         }

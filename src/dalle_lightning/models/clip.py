@@ -163,14 +163,16 @@ def encode_texts(model: CLIPModel, input_ids: torch.Tensor, attention_mask: torc
 
 class FrozenClip:
     """A CLIP kept frozen under the other stages: its text tower, its image tower (optional), its tokenizer and its
-    image preprocessing, with the encodings the stages use. Build it with `load_frozen_clip`.
+    image preprocessing, with the encodings the stages use. Build it with `load_frozen_clip`; a stage takes the
+    source or a loaded one (`frozen_clip`), so that a pipeline's stages share one copy.
 
     Contract:
 
     - `text_encoder` is a transformers `CLIPTextModelWithProjection` and `image_encoder` a
       `CLIPVisionModelWithProjection` (None for a text-only CLIP, or when not loaded), in eval mode, without
-      gradients; `tokenizer` is the CLIP's own. Whatever the folder's layout (one `CLIPModel` checkpoint or separate
-      towers), the towers are these two classes, as diffusers' unCLIP and Kandinsky pipelines take them.
+      gradients; `tokenizer` is the CLIP's own; `location` says where each part was found (`source`: as given).
+      Whatever the folder's layout (one `CLIPModel` checkpoint or separate towers), the towers are these two
+      classes, as diffusers' unCLIP and Kandinsky pipelines take them.
     - `encode_texts` / `encode_images` give (N, `projection_dim`) embeddings, L2-normalised unless
       `normalize=False` (then the projection's raw output); `text_token_encodings` the text tower's last hidden
       states (N, L, `text_width`) and the mask of tokens up to the first end-of-text. Images are (N, 3, H, W) in
@@ -378,6 +380,21 @@ def load_frozen_clip(
     else:
         preprocess = ImagePreprocess.openai(vision_config.image_size if vision_config is not None else 224)
     return FrozenClip(location, tokenizer, text_config, vision_config, preprocess, text_encoder, image_encoder)
+
+
+def frozen_clip(
+    clip: str | Path | FrozenClip, option: str = "stage.clip", *, text: bool = True, image: bool | None = True
+) -> FrozenClip:
+    """`clip` itself when it is a `FrozenClip` already loaded with the towers asked for (the pipeline hands its own to
+    the stages it rebuilds: one copy of the CLIP in memory, not one per stage), else `load_frozen_clip(clip, ...)`."""
+    if not isinstance(clip, FrozenClip):
+        return load_frozen_clip(clip, option, text=text, image=image)
+    for wanted, network, tower in ((text, clip.text_encoder, "text"), (image, clip.image_encoder, "image")):
+        if wanted and network is None:
+            raise UserError(
+                f"{option}: the CLIP '{clip.source}' was loaded without its {tower} tower, which this needs"
+            )
+    return clip
 
 
 def match_convention(embeddings: torch.Tensor, source: str, target: str, raw_norm: float | None = None) -> torch.Tensor:

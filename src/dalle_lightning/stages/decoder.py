@@ -22,6 +22,7 @@ from torch import nn
 from dalle_lightning.diffusion.sampling import guided_sample, sampling_scheduler
 from dalle_lightning.errors import UserError
 from dalle_lightning.metrics.image import ClipScore
+from dalle_lightning.models.clip import FrozenClip
 from dalle_lightning.models.decoder import build_decoder_context, build_decoder_unet, check_attention_heads
 from dalle_lightning.stages.diffusion import Condition, ImageDiffusionModule, first
 
@@ -45,7 +46,7 @@ class DecoderModule(ImageDiffusionModule):
     def __init__(
         self,
         model: Mapping[str, Any],
-        clip: str,
+        clip: str | FrozenClip,
         optim: Mapping[str, Any],
         scheduler: Mapping[str, Any] | None = None,
         metrics: Mapping[str, Any] | None = None,
@@ -53,7 +54,7 @@ class DecoderModule(ImageDiffusionModule):
         tokenizer: Any = None,
     ):
         super().__init__(model, clip, optim, scheduler, metrics)
-        self.save_hyperparameters(ignore=["tokenizer"])
+        self.save_hyperparameters(ignore=["tokenizer", "clip"])  # the CLIP is in the run's config and the export's
         if embeddings not in EMBEDDING_SOURCES:
             raise UserError(f"stage.embeddings='{embeddings}' is unknown: use clip (on the fly) or shards (img_emb)")
         self.embeddings = embeddings
@@ -227,7 +228,7 @@ class DecoderModule(ImageDiffusionModule):
         self.noise.save_pretrained(str(path / "scheduler"))
         save_model(self.context, str(path / "context.safetensors"))
         config = {
-            "clip": str(self.hparams.clip),
+            "clip": self.clip.source,
             "embeddings": self.embedding_convention,
             "image_size": self.image_size,
             "embedding_dim": self.embedding_dim,

@@ -27,7 +27,7 @@ from dalle_lightning.diffusion.objectives import (
 )
 from dalle_lightning.errors import UserError
 from dalle_lightning.metrics.image import frechet_distance
-from dalle_lightning.models.clip import load_frozen_clip
+from dalle_lightning.models.clip import FrozenClip, frozen_clip
 from dalle_lightning.stages.base import StageModule, evaluation_epoch
 
 Condition = dict[str, torch.Tensor]
@@ -51,7 +51,7 @@ class ImageDiffusionModule(StageModule):
     def __init__(
         self,
         model: Mapping[str, Any],
-        clip: str,
+        clip: str | FrozenClip,
         optim: Mapping[str, Any],
         scheduler: Mapping[str, Any] | None = None,
         metrics: Mapping[str, Any] | None = None,
@@ -59,7 +59,7 @@ class ImageDiffusionModule(StageModule):
         super().__init__(optim, scheduler)
         self.config = dict(model)
         self.metrics_config = dict(metrics or {})
-        self.clip = load_frozen_clip(clip, "stage.clip", text=self.needs_text_tower, image=True)
+        self.clip = frozen_clip(clip, "stage.clip", text=self.needs_text_tower, image=True)
         self.noise = training_scheduler(model["timesteps"], model["beta_schedule"], model["prediction_type"])
         self.min_snr_gamma = model["min_snr_gamma"]
         self.timestep_sampling = check_timestep_sampling(model["timestep_sampling"])

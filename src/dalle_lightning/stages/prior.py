@@ -28,7 +28,7 @@ from torchmetrics import MeanMetric
 from dalle_lightning.diffusion.objectives import diffusion_loss, training_scheduler
 from dalle_lightning.diffusion.sampling import guided_sample, sampling_scheduler
 from dalle_lightning.errors import UserError
-from dalle_lightning.models.clip import load_frozen_clip
+from dalle_lightning.models.clip import FrozenClip, frozen_clip
 from dalle_lightning.models.prior import build_prior
 from dalle_lightning.stages.base import StageModule
 
@@ -47,17 +47,17 @@ class PriorModule(StageModule):
     def __init__(
         self,
         model: Mapping[str, Any],
-        clip: str,
+        clip: str | FrozenClip,
         optim: Mapping[str, Any],
         scheduler: Mapping[str, Any] | None = None,
         tokenizer: Any = None,
     ):
         super().__init__(optim, scheduler)
-        self.save_hyperparameters(ignore=["tokenizer"])
+        self.save_hyperparameters(ignore=["tokenizer", "clip"])  # the CLIP is in the run's config and the export's
         self.config = dict(model)
         self.text_tokens = bool(model["text_tokens"])
         # Conditioned on embeddings alone, the prior needs no CLIP weights, only the CLIP's width.
-        self.clip = load_frozen_clip(clip, "stage.clip", text=self.text_tokens, image=False)
+        self.clip = frozen_clip(clip, "stage.clip", text=self.text_tokens, image=False)
         self.embedding_dim = self.clip.projection_dim
         num_tokens = 0
         if self.text_tokens:
@@ -208,7 +208,7 @@ class PriorModule(StageModule):
         (path / "prior_config.json").write_text(
             json.dumps(
                 {
-                    "clip": str(self.hparams.clip),
+                    "clip": self.clip.source,
                     "embeddings": self.embedding_convention,
                     "text_tokens": self.text_tokens,
                     "embedding_dim": self.embedding_dim,
