@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import ROOT, csv_losses, run_train, write_stage_export
+from conftest import ROOT, csv_losses, lines_starting, run_train, write_stage_export
 from dalle_lightning.data.clip_retrieval import EmbeddingStream, make_chunks, write_part
 from dalle_lightning.data.datamodule import ClipRetrievalDataModule
 from dalle_lightning.errors import UserError
@@ -269,6 +269,15 @@ def test_train_py_trains_the_prior_on_the_folder_and_resumes_after_kill_9(folder
     after = csv_losses(tmp_path / "outputs" / "prior" / "runs" / "resumed")
     assert sorted(after) == list(range(8, STEPS)), sorted(after)
     assert max(abs(loss - losses[step]) for step, loss in after.items()) <= 1e-6
+
+
+@pytest.mark.slow
+def test_embeddings_of_another_clip_are_one_line_from_train_py(folder, tiny_clip_export, tmp_path):
+    root, _ = folder  # 32-wide; the CLIP export projects to 128
+    result = run_train(prior_args(tmp_path, root, tiny_clip_export, False, "other"), tmp_path)
+    lines = lines_starting(result.stderr)
+    assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "img_emb_0000.npy holds 32-wide embeddings but stage.clip is 128-wide" in lines[0]
 
 
 @pytest.mark.slow
