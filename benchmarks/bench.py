@@ -13,6 +13,9 @@ Benchmarks (all on the same shapes and settings as ``../shared/bench/peer_dalle2
   clip_train                contrastive CLIP training step, tiny preset, batch 256 at 32 px (no peer)
   loader                    img2dataset-style 256 px JPEG shards -> 64 px training tensors on one core:
                             ours (draft-mode decode) vs stock webdataset .decode("pil") + Pillow resize
+  embedding_reader          rows/s per core of the prior's clip-retrieval reader (LAION's format, 768-wide float16,
+                            memory-mapped): text embeddings only, and with the captions read and tokenized
+  prior_reader              the matched prior's step fed by that reader against the same step fed from memory
   matmul                    the fp32 (and bf16) torch.mm ceiling of this run (always measured)
 
 Training steps run in a real Lightning Trainer built from the stage's Hydra config (conf/, as train.py composes it):
@@ -132,6 +135,8 @@ ALL = (
     "upsampler_train",
     "clip_train",
     "loader",
+    "embedding_reader",
+    "prior_reader",
 )
 
 
@@ -256,6 +261,7 @@ def clip_export(workdir: Path) -> Path:
     the stages need its config (embedding width) and, for the decoder and upsampler, its frozen image encoder for
     their metrics — which no training step here runs."""
     from dalle_lightning.export import MANIFEST, write_export
+    from dalle_lightning.models.tokenizer import train_bpe
     from dalle_lightning.stages.clip import ClipModule
 
     path = workdir / "export" / "clip"
@@ -264,7 +270,8 @@ def clip_export(workdir: Path) -> Path:
     cfg = compose_config(["stage=clip", f"model.clip.projection_dim={EMBED_DIM}"], workdir)
     torch.manual_seed(0)
     with quiet():
-        module = ClipModule(plain(cfg.model.clip), plain(cfg.optim), None, None)
+        tokenizer = train_bpe(["a red circle", "two blue squares"], 300, cfg.model.clip.context_length)
+        module = ClipModule(plain(cfg.model.clip), plain(cfg.optim), None, tokenizer)
         write_export(path, "clip", module.export)
     return path
 
@@ -279,7 +286,7 @@ def build_stage(stage: str, overrides: list[str], workdir: Path):
     """(module, cfg) for `stage`, instantiated from `cfg.stage.module` exactly as train.py does."""
     from hydra.utils import instantiate
 
-    extra = [] if stage == "clip" else [f"stage.clip_export={clip_export(workdir)}"]
+    extra = [] if stage == "clip" else [f"stage.clip={clip_export(workdir)}"]
     if stage == "decoder":
         extra.append("stage.embeddings=shards")  # precomputed image embeddings: the frozen CLIP is not timed
     cfg = compose_config([f"stage={stage}", *extra, *overrides], workdir)
@@ -367,6 +374,28 @@ def make_timer(device: Device, flops_step: bool, after_flops: Callable[[Any], No
     return StepTimer()
 
 
+def bench_trainer(cfg, device: Device, steps: int, callbacks: list) -> Any:
+    """The stage's Lightning Trainer as its config builds it (gradient clipping, ...), for `steps` training steps on
+    one device, with nothing but `callbacks`: no logger, checkpoints, progress bar or validation."""
+    from hydra.utils import instantiate
+
+    return instantiate(
+        cfg.trainer,
+        accelerator="gpu" if device.cuda else "cpu",
+        devices=1,
+        precision=device.precision,
+        max_steps=steps,
+        max_epochs=-1,
+        logger=False,
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+
+
 def train_benchmark(
     name: str,
     stage: str,
@@ -378,8 +407,6 @@ def train_benchmark(
     prepare: Callable[[Any, dict], None] | None = None,
     **extra,
 ) -> dict:
-    from hydra.utils import instantiate
-
     module, cfg = build_stage(stage, overrides, workdir)
     checkpointed = bool(args.gradient_checkpointing and module.checkpointed_networks)
     if checkpointed:
@@ -393,21 +420,7 @@ def train_benchmark(
     timer = make_timer(device, not args.no_flops, after)
     steps = int(not args.no_flops) + warmup + args.iters
     with quiet():
-        trainer = instantiate(
-            cfg.trainer,
-            accelerator="gpu" if device.cuda else "cpu",
-            devices=1,
-            precision=device.precision,
-            max_steps=steps,
-            max_epochs=-1,
-            logger=False,
-            callbacks=[timer],
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            limit_val_batches=0,
-        )
+        trainer = bench_trainer(cfg, device, steps, [timer])
         loader = torch.utils.data.DataLoader(FixedBatches(batch), batch_size=None)
         if device.cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -684,6 +697,145 @@ def loader_benchmark(args, workdir: Path) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# the prior's clip-retrieval reader
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def write_embedding_folder(out: Path, parts: int, rows: int, dim: int) -> Path:
+    """A folder as LAION published its embeddings: `parts` parts of `rows` random unit-norm float16 rows of `dim`,
+    captions of LAION's typical length in parquet."""
+    import pyarrow as pa
+
+    from dalle_lightning.data.clip_retrieval import write_part
+
+    rng = np.random.default_rng(0)
+    words = ["a", "photo", "of", "red", "vintage", "wooden", "chair", "in", "the", "garden", "with", "sunlight"]
+    for part in range(parts):
+        embeddings = []
+        for _ in range(2):
+            x = rng.standard_normal((rows, dim), dtype=np.float32)
+            embeddings.append((x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16))
+        captions = [" ".join(rng.choice(words, 12)) for _ in range(rows)]
+        write_part(out, f"{part:04d}", *embeddings, pa.table({"url": ["https://x/y.jpg"] * rows, "caption": captions}))
+    return out
+
+
+def reader_datamodule(folder: Path, batch: int, samples: int, captions: bool = False, tokenizer=None):
+    from dalle_lightning.data.datamodule import ClipRetrievalDataModule
+
+    dm = ClipRetrievalDataModule(
+        str(folder),
+        captions=captions,
+        tokenizer=tokenizer,
+        batch_size=batch,
+        num_workers=0,
+        samples_per_epoch=samples,
+        val_samples=0,
+        shuffle_buffer=20_000,
+    )
+    dm.setup("fit")
+    return dm
+
+
+def embedding_reader_benchmark(args, workdir: Path) -> list[dict]:
+    """The reader in the training process itself (no loader workers), one thread: every row read from the
+    memory-mapped files (in the page cache, as a folder being read again is), shuffled, normalised, batched; with
+    `captions`, also read from parquet and tokenized (a 77-token BPE)."""
+    from dalle_lightning.models.tokenizer import train_bpe
+
+    rows, dim, batch = args.reader_rows, 768, args.batch_reader
+    folder = write_embedding_folder(workdir / "laion768", 4, rows // 4, dim)
+    tokenizer = train_bpe(["a photo of a red vintage wooden chair in the garden with sunlight"] * 10, 300, 77)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    results = []
+    try:
+        for name, captions in (("embedding_reader", False), ("embedding_reader_captions", True)):
+            dm = reader_datamodule(folder, batch, rows, captions, tokenizer if captions else None)
+            batches = iter(dm.train_dataloader())
+            next(batches)  # the first window read: part of the steady state below too, a window every 20000 rows
+            times, seen = [], 0
+            for _ in range(max(1, rows // batch - 2)):
+                t0 = time.perf_counter()
+                out = next(batches)
+                times.append(time.perf_counter() - t0)
+                seen += len(out["img_emb"])
+            row = summarize(
+                name,
+                times,
+                batch,
+                None,
+                None,
+                rows_per_s_per_core=seen / sum(times),
+                embedding_dim=dim,
+                rows=rows,
+                source="4 parts of random unit-norm float16 embeddings + parquet captions, memory-mapped",
+                mode="text embedding and captions' tokens" if captions else "text embedding only",
+                threads=1,
+                num_workers=0,
+            )
+            results.append(row)
+    finally:
+        torch.set_num_threads(threads)
+    return results
+
+
+def prior_reader_benchmark(args, device: Device, workdir: Path) -> list[dict]:
+    """The matched prior's training step (PRIOR_MATCHED, batch `--batch-prior`, 512-wide embeddings) in a Lightning
+    Trainer, fed by the reader in the training process (no loader workers: its cost falls between the steps) and
+    from memory (one batch held and repeated); the two take turns. Each step is split into the step itself (batch
+    start to end) and the loading before the next (batch end to the next start): the reader's cost is the loading
+    time it adds, as a fraction of the step."""
+    import lightning as L
+
+    class LoopTimer(L.Callback):
+        def __init__(self):
+            self.step: list[float] = []
+            self.loading: list[float] = []
+            self._end: float | None = None
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            device.sync()
+            self._start = time.perf_counter()
+            if self._end is not None and batch_idx > args.warmup:
+                self.loading.append(self._start - self._end)
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            device.sync()
+            self._end = time.perf_counter()
+            if batch_idx >= args.warmup:
+                self.step.append(self._end - self._start)
+
+    batch = args.batch_prior
+    steps = args.warmup + args.iters + 1
+    folder = write_embedding_folder(workdir / "laion512", 2, max(4 * batch * steps, 20_000) // 2, EMBED_DIM)
+    memory = prior_batch(batch)(torch.device(device.type))
+    timers: dict[str, list[LoopTimer]] = {"prior_reader": [], "prior_memory": []}
+    for _ in range(2):
+        for name, runs in timers.items():
+            module, cfg = build_stage("prior", PRIOR_MATCHED, workdir)
+            runs.append(LoopTimer())
+            with quiet():
+                trainer = bench_trainer(cfg, device, steps, [runs[-1]])
+                if name == "prior_reader":
+                    trainer.fit(module, datamodule=reader_datamodule(folder, batch, batch * steps))
+                else:
+                    prior_statistics(module, memory)
+                    loader = torch.utils.data.DataLoader(FixedBatches(memory), batch_size=None)
+                    trainer.fit(module, train_dataloaders=loader)
+    rows = []
+    for name, runs in timers.items():
+        step = [t for run in runs for t in run.step]
+        loading = statistics.median(t for run in runs for t in run.loading)
+        fed = "the clip-retrieval reader, in the training process" if name == "prior_reader" else "one batch in memory"
+        rows.append(summarize(name, step, batch, None, None, loading_ms_median=loading * 1e3, fed_by=fed))
+    reader, memory_row = rows
+    added = reader["loading_ms_median"] - memory_row["loading_ms_median"]
+    reader["reader_cost_fraction_of_step"] = added / memory_row["ms_per_iter_median"]
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # matmul ceiling
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -831,6 +983,8 @@ def parse_args(argv=None):
     p.add_argument("--loader-samples", type=int, default=1024, help="JPEGs written to the loader's shards")
     p.add_argument("--loader-warmup", type=int, default=16, help="untimed batches (the shuffle buffer fills up)")
     p.add_argument("--loader-batches", type=int, default=24, help="timed batches per path")
+    p.add_argument("--reader-rows", type=int, default=200_000, help="rows of the embedding reader's folder")
+    p.add_argument("--batch-reader", type=int, default=512)
     p.add_argument("--sample-size", type=int, default=32)
     p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps (the peer's)")
     p.add_argument("--sample-steps-ours", type=int, default=None, help="our sampler's steps (default: the config's)")
@@ -852,6 +1006,7 @@ def parse_args(argv=None):
         args.sample_warmup, args.sample_iters = 1, 1
         args.loader_samples = min(args.loader_samples, 4 * args.batch_loader)
         args.loader_warmup, args.loader_batches = 1, 3
+        args.reader_rows = min(args.reader_rows, 8 * args.batch_reader)
     return args
 
 
@@ -939,6 +1094,10 @@ def main(argv=None) -> dict:
                 rows = sample_benchmarks(args, device, workdir)
             elif name == "loader":
                 rows = loader_benchmark(args, workdir)
+            elif name == "embedding_reader":
+                rows = embedding_reader_benchmark(args, workdir)
+            elif name == "prior_reader":
+                rows = prior_reader_benchmark(args, device, workdir)
             else:  # pragma: no cover
                 raise AssertionError(name)
             for row in rows:

@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     pipe, decoder_export = load_pipeline(args.exports, args.decoder, args.threads)
     size, bs = pipe.decoder.image_size, args.batch_size
-    data = read_val_split(Path(args.data_root), size, args.num_samples, bs, pipe.tokenizer)
+    data = read_val_split(Path(args.data_root), size, args.num_samples, bs, pipe.clip.tokenizer)
     captions = data["caption"]
     generator = pipe.generator(args.seed)
     images: dict[str, list[torch.Tensor]] = {"real": [data["image"]], "reconstruction": [], "from_text": []}

@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.editing = args.editing or str(Path(args.exports) / "decoder_edit")
     pipe, _ = load_pipeline(args.exports, None, args.threads)
     check_exports({"decoder": args.editing}, "--")
-    editor = load_stage_export(args.editing, "decoder", clip_export=Path(args.exports) / "clip", option="--editing")
+    editor = load_stage_export(args.editing, "decoder", clip=Path(args.exports) / "clip", option="--editing")
     if not editor.inpainting:
         raise UserError(f"--editing='{args.editing}' is not an editing decoder: train one with inpainting=true")
     pipes = {

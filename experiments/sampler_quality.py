@@ -127,19 +127,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import diffusers
 
-    from dalle_lightning.export import load_clip_export, load_stage_export
+    from dalle_lightning.export import load_stage_export
     from dalle_lightning.metrics.image import clip_scores
-    from dalle_lightning.models.clip import encode_images
+    from dalle_lightning.models.clip import load_frozen_clip
 
     start = time.perf_counter()
-    clip, tokenizer = load_clip_export(args.clip, "--clip")
-    clip = clip.to(device)
-    decoder = load_stage_export(args.decoder, "decoder", clip_export=args.clip, option="--decoder").to(device)
-    data = read_val_split(Path(args.data_root), decoder.image_size, args.num_samples, args.batch_size, tokenizer)
+    clip = load_frozen_clip(args.clip, "--clip").to(device)
+    decoder = load_stage_export(args.decoder, "decoder", clip=args.clip, option="--decoder").to(device)
+    data = read_val_split(Path(args.data_root), decoder.image_size, args.num_samples, args.batch_size, clip.tokenizer)
     n, size, bs = args.num_samples, decoder.image_size, args.batch_size
     real = data["image"]
-    with torch.no_grad():
-        embeds = torch.cat([encode_images(clip, part.to(device)) for part in real.split(bs)])
+    embeds = torch.cat([clip.encode_images(part.to(device)) for part in real.split(bs)])
     # Noise drawn once on the CPU (the same numbers on any device), then reused by every configuration.
     noises = {
         seed: torch.randn((n, 3, size, size), generator=torch.Generator().manual_seed(seed))

@@ -39,9 +39,7 @@ import webdataset as wds
 from dalle_lightning.data.decode import decode_caption, decode_image, decode_json
 from dalle_lightning.data.shards import expand_shards
 from dalle_lightning.errors import report_user_errors
-from dalle_lightning.export import load_clip_export
-from dalle_lightning.models.clip import encode_images, encode_texts
-from dalle_lightning.models.tokenizer import tokenize_prompts
+from dalle_lightning.models.clip import load_frozen_clip
 from dalle_lightning.shapes.dataset import COLOURS, SHAPES
 
 
@@ -118,17 +116,15 @@ def main() -> None:
     parser.add_argument("--num-val", type=int, default=1000)
     args = parser.parse_args()
 
-    model, tokenizer = load_clip_export(args.clip_export, "--clip-export")
-    size = model.config.vision_config.image_size
+    clip = load_frozen_clip(args.clip_export, "--clip-export")
+    size = clip.image_size
     data = Path(args.data)
     train = read_scenes(str(data / "train" / "*.tar"), args.num_train, size)
     val = read_scenes(str(data / "val" / "*.tar"), args.num_val, size)
 
     def features(scenes: Scenes) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.no_grad():
-            images = torch.cat([encode_images(model, chunk) for chunk in scenes.pixels.split(500)])
-            texts = encode_texts(model, *tokenize_prompts(tokenizer, scenes.captions))
-        return images, texts
+        images = torch.cat([clip.encode_images(chunk) for chunk in scenes.pixels.split(500)])
+        return images, clip.encode_texts(*clip.tokenize(scenes.captions))
 
     (train_images, train_texts), (val_images, val_texts) = features(train), features(val)
     heldout = val.heldout

@@ -200,6 +200,45 @@ def tiny_clip_export(shapes_root, tmp_path_factory) -> Path:
     return write_export(tmp / "clip", "clip", module.export)
 
 
+@pytest.fixture(scope="session")
+def pretrained_clips(shapes_root, tmp_path_factory) -> dict[str, Path]:
+    """One tiny CLIP (random weights, 32-wide, a BPE of the Shapes captions) saved as published CLIPs are, in the
+    layouts the frozen CLIP takes: `clip_model` (CLIPModel.save_pretrained with its tokenizer and image processor,
+    as openai/clip-vit-large-patch14), `towers` (text_encoder/, image_encoder/, tokenizer/, image_processor/: as
+    Kandinsky 2.2's prior folder), `text_only` (text_encoder/ and tokenizer/: as Karlo's); the same weights in each.
+    """
+    import torch
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessorPil,
+        CLIPModel,
+        CLIPTextModelWithProjection,
+        CLIPVisionModelWithProjection,
+    )
+
+    from dalle_lightning.models.tokenizer import train_bpe
+
+    tmp = tmp_path_factory.mktemp("pretrained_clips")
+    tokenizer = train_bpe(small_shapes(shapes_root, image_size=32).captions(1200), vocab_size=400, context_length=24)
+    layers = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, projection_dim=32)
+    ids = {f"{name}_token_id": getattr(tokenizer, f"{name}_token_id") for name in ("bos", "eos", "pad")}
+    text = dict(layers, max_position_embeddings=24, vocab_size=len(tokenizer), **ids)
+    config = CLIPConfig(text_config=text, vision_config=dict(layers, image_size=32, patch_size=8), projection_dim=32)
+    processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    torch.manual_seed(0)
+    whole = tmp / "clip_model"
+    CLIPModel(config).save_pretrained(whole)
+    tokenizer.save_pretrained(whole)
+    processor.save_pretrained(whole)
+    towers, text_only = tmp / "towers", tmp / "text_only"
+    for folder in (towers, text_only):
+        CLIPTextModelWithProjection.from_pretrained(whole).save_pretrained(folder / "text_encoder")
+        tokenizer.save_pretrained(folder / "tokenizer")
+    CLIPVisionModelWithProjection.from_pretrained(whole).save_pretrained(towers / "image_encoder")
+    processor.save_pretrained(towers / "image_processor")
+    return {"clip_model": whole, "towers": towers, "text_only": text_only}
+
+
 def write_stage_export(stage: str, clip_export: Path, tmp: Path, overrides: list[str] | None = None) -> Path:
     """An export of a prior/decoder/upsampler with random weights, written with the resolved training config
     (what `load_stage_export` rebuilds the module from), as `train.py stage=<stage>` would leave it."""
@@ -209,7 +248,7 @@ def write_stage_export(stage: str, clip_export: Path, tmp: Path, overrides: list
 
     from dalle_lightning.export import write_export
 
-    overrides = [f"stage={stage}", f"stage.clip_export={clip_export}", *(overrides or [])]
+    overrides = [f"stage={stage}", f"stage.clip={clip_export}", *(overrides or [])]
     cfg = OmegaConf.to_container(compose_config(overrides, tmp), resolve=True)
     torch.manual_seed(0)
     module = hydra.utils.instantiate(cfg["stage"]["module"], tokenizer=None, _convert_="all")
@@ -218,7 +257,7 @@ def write_stage_export(stage: str, clip_export: Path, tmp: Path, overrides: list
         # sample would be the zero vector, so use the identity statistics of unit-scale embeddings instead.
         module.prior.clip_mean.data.zero_()
         module.prior.clip_std.data.fill_(1.0)
-    return write_export(tmp / stage, stage, module.export, cfg)
+    return write_export(tmp / stage, stage, module.export, cfg, module.manifest_info())
 
 
 @pytest.fixture(scope="session")

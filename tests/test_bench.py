@@ -1,4 +1,5 @@
-"""benchmarks/bench.py: a quick run of a cheap training benchmark and the loader writes the peer script's JSON form."""
+"""benchmarks/bench.py: a quick run of a cheap training benchmark, the loader and the embedding reader writes the
+peer script's JSON form."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def _run(script: Path, args: list[str], cwd: Path, timeout: float) -> subprocess
 
 def test_quick_bench_writes_peer_json_form(tmp_path):
     out = tmp_path / "bench.json"
-    args = ["--quick", "--only", "prior_train,decoder32_train,loader", "--json", str(out)]
+    args = ["--quick", "--only", "prior_train,decoder32_train,loader,embedding_reader", "--json", str(out)]
     done = _run(BENCH, args, tmp_path, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "prior_train" in done.stdout and "samples/s" in done.stdout  # the table
@@ -32,7 +33,7 @@ def test_quick_bench_writes_peer_json_form(tmp_path):
     data = json.loads(out.read_text())
     assert data["meta"]["device"]["type"] in ("cpu", "cuda")
     rows = {row["name"]: row for row in data["results"]}
-    for name in ("prior_train", "decoder32_train", "loader", "loader_stock_webdataset"):
+    for name in ("prior_train", "decoder32_train", "loader", "loader_stock_webdataset", "embedding_reader"):
         assert set(ROW_FIELDS) <= set(rows[name]), name
         assert rows[name]["samples_per_s"] > 0
 
@@ -47,4 +48,6 @@ def test_quick_bench_writes_peer_json_form(tmp_path):
     # Our own matmul ceiling is measured in the same run.
     assert any(name.startswith("mm_") and "float32" in name and rows[name]["achieved_gflops"] > 0 for name in rows)
     assert rows["loader"]["ratio_to_stock"] > 0
+    assert rows["embedding_reader"]["rows_per_s_per_core"] > 0 and rows["embedding_reader"]["embedding_dim"] == 768
+    assert rows["embedding_reader_captions"]["rows_per_s_per_core"] > 0
     assert {r["name"] for r in data["ratios"]} >= {"loader"}

@@ -11,9 +11,9 @@ from omegaconf import OmegaConf
 
 from conftest import compose_config, first_batch, small_shapes
 from dalle_lightning.errors import UserError
-from dalle_lightning.export import load_clip_export, write_export
+from dalle_lightning.export import write_export
 from dalle_lightning.metrics.retrieval import RetrievalMetrics
-from dalle_lightning.models.clip import build_clip, encode_images, encode_texts
+from dalle_lightning.models.clip import build_clip, encode_texts, load_frozen_clip
 from dalle_lightning.models.tokenizer import load_tokenizer, train_bpe
 from dalle_lightning.stages.clip import ClipModule, ContrastiveLoss, SigmoidLoss
 
@@ -132,22 +132,22 @@ def test_export_round_trip_and_one_line_errors(tmp_path, tokenizer, fixed_batch)
     assert {"model.safetensors", "config.json", "tokenizer.json", "dalle_lightning.json"} <= {
         p.name for p in export.iterdir()
     }
-    model, loaded_tokenizer = load_clip_export(export)
+    clip = load_frozen_clip(export)
     with torch.no_grad():
         ours = module(fixed_batch["image"], fixed_batch["input_ids"], fixed_batch["attention_mask"])
-        theirs = (
-            encode_images(model, fixed_batch["image"]),
-            encode_texts(model, fixed_batch["input_ids"], fixed_batch["attention_mask"]),
-        )
+    theirs = (
+        clip.encode_images(fixed_batch["image"]),
+        clip.encode_texts(fixed_batch["input_ids"], fixed_batch["attention_mask"]),
+    )
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ours, theirs))
-    assert loaded_tokenizer("a red circle")["input_ids"] == tokenizer("a red circle")["input_ids"]
+    assert clip.tokenizer("a red circle")["input_ids"] == tokenizer("a red circle")["input_ids"]
 
     with pytest.raises(UserError) as missing:
-        load_clip_export(tmp_path / "nowhere")
-    assert "stage.clip_export" in str(missing.value) and "\n" not in str(missing.value)
+        load_frozen_clip(tmp_path / "nowhere")
+    assert "stage.clip=" in str(missing.value) and "\n" not in str(missing.value)
     (export / "dalle_lightning.json").write_text(json.dumps({"stage": "prior"}))
     with pytest.raises(UserError, match="is a prior export, not a clip export"):
-        load_clip_export(export)
+        load_frozen_clip(export)
 
 
 def test_pretrained_clip_loads_with_from_pretrained(tmp_path, tokenizer):

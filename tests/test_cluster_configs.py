@@ -158,7 +158,7 @@ def test_fsdp_wraps_most_of_each_stage_trainable_weights(stage, tmp_path, tiny_c
     """The wrap policy's classes are real blocks of each stage's model: FSDP's own policy walk over the built
     module finds them, and they hold most trainable weights (else FULL_SHARD would still gather nearly the whole
     model at once in the root unit)."""
-    overrides = [f"stage={stage}", "trainer=fsdp", f"stage.clip_export={tiny_clip_export}"]
+    overrides = [f"stage={stage}", "trainer=fsdp", f"stage.clip={tiny_clip_export}"]
     cfg = compose_config(overrides[:2] if stage == "clip" else overrides, tmp_path)
     module = instantiate(cfg.stage.module, tokenizer=None, _convert_="all")
     policy = instantiate(cfg.trainer.strategy.auto_wrap_policy)

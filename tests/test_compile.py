@@ -94,7 +94,7 @@ def test_train_py_with_compile_trains_checkpoints_and_exports_as_eager(tmp_path,
     eager module's keys."""
     args = [
         "stage=upsampler",
-        f"stage.clip_export={tiny_clip_export}",
+        f"stage.clip={tiny_clip_export}",
         *FAST_CLIP,
         "trainer.max_steps=3",
         "data.batch_size=8",
@@ -120,5 +120,5 @@ def test_train_py_with_compile_trains_checkpoints_and_exports_as_eager(tmp_path,
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert any(k.startswith("unet.") for k in checkpoint["state_dict"])
     assert not any("_orig_mod" in k for k in checkpoint["state_dict"])
-    upsampler = load_stage_export(tmp_path / "export" / "upsampler", "upsampler", clip_export=tiny_clip_export)
+    upsampler = load_stage_export(tmp_path / "export" / "upsampler", "upsampler", clip=tiny_clip_export)
     assert upsampler.generate(torch.zeros(1, 3, 32, 32), steps=2).shape == (1, 3, 64, 64)

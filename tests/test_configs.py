@@ -64,16 +64,18 @@ def _one_error_line(result) -> str:
 @pytest.mark.parametrize(
     "overrides,expected",
     [
-        (["stage=decoder", "stage.clip_export=/nowhere/clip", NO_DATA], "'/nowhere/clip' is not a clip export"),
+        (["stage=decoder", "stage.clip=/nowhere/no-clip", NO_DATA], "stage.clip='/nowhere/no-clip' does not exist"),
         (
-            ["stage=upsampler", "stage.clip_export=/nowhere/clip", NO_DATA],
-            "stage.clip_export='/nowhere/clip' is not a clip export",
+            ["stage=upsampler", "stage.clip=/nowhere/no-clip", NO_DATA],
+            "stage.clip='/nowhere/no-clip' does not exist",
         ),
         (
-            ["stage=prior", "data.train_shards=/nowhere.tar", "stage.clip_export=/nowhere/clip"],
-            "stage.clip_export='/nowhere/clip' is not a clip export",
+            ["stage=prior", "data.train_shards=/nowhere.tar", "stage.clip=/nowhere/no-clip"],
+            "stage.clip='/nowhere/no-clip' does not exist",
         ),
         (["data=webdataset"], "missing required config value 'data.train_shards'"),
+        (["stage=prior", "data=clip_retrieval"], "missing required config value 'data.path'"),
+        (["stage=prior", "data=clip_retrieval", "data.path=/nowhere/emb"], "data.path='/nowhere/emb' is not a folder"),
         (
             ["data=webdataset", "data.train_shards='/nowhere/shard-{0000..0009}.tar'"],
             "data.train_shards: '/nowhere/shard-{0000..0009}.tar' matches no file",
@@ -107,7 +109,7 @@ import dalle_lightning.resolvers
 from dalle_lightning.errors import UserError
 from dalle_lightning.train import train
 with initialize_config_dir(config_dir={str(CONF)!r}, version_base="1.3"):
-    for overrides in (["stage=decoder", "stage.clip_export=/nowhere/clip"], ["data=webdataset"], ["ckpt_path=/x.ckpt"]):
+    for overrides in (["stage=decoder", "stage.clip=/nowhere/no-clip"], ["data=webdataset"], ["ckpt_path=/x.ckpt"]):
         cfg = compose("train", overrides=[*overrides, "paths.output_dir={tmp_path}"], return_hydra_config=True)
         HydraConfig.instance().set_config(cfg)
         try:
@@ -119,7 +121,7 @@ print("imported:", sorted(name for name in ("lightning", "torch") if name in sys
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     errors = lines_starting(result.stdout)
-    assert len(errors) == 3 and "is not a clip export" in errors[0], result.stdout
+    assert len(errors) == 3 and "stage.clip='/nowhere/no-clip' does not exist" in errors[0], result.stdout
     assert "'data.train_shards'" in errors[1] and "ckpt_path='/x.ckpt' does not exist" in errors[2], result.stdout
     assert result.stdout.splitlines()[-1] == "imported: []", result.stdout
 

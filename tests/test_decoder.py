@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from conftest import compose_config, fd_clip_in_range, first_batch, small_shapes
 from dalle_lightning.diffusion.objectives import min_snr_weight, sample_timesteps, training_scheduler
 from dalle_lightning.errors import UserError
-from dalle_lightning.export import load_clip_export
+from dalle_lightning.export import tokenizer_of_clip
 from dalle_lightning.stages.decoder import DecoderModule
 from dalle_lightning.stages.upsampler import UpsamplerModule, gaussian_blur
 
@@ -22,7 +22,7 @@ SAMPLERS = ["dpmsolver++", "ddim", "ddpm"]
 
 def stage_config(tmp_path, stage, export, overrides=()):
     cfg = compose_config(
-        [f"stage={stage}", "scheduler=constant", "optim.lr=2e-3", f"stage.clip_export={export}", *overrides], tmp_path
+        [f"stage={stage}", "scheduler=constant", "optim.lr=2e-3", f"stage.clip={export}", *overrides], tmp_path
     )
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
 
@@ -43,12 +43,12 @@ def make_upsampler(tmp_path, export, overrides=()) -> UpsamplerModule:
 
 @pytest.fixture(scope="module")
 def batch32(shapes_root, tiny_clip_export):
-    return first_batch(shapes_root, 32, 8, load_clip_export(tiny_clip_export)[1])
+    return first_batch(shapes_root, 32, 8, tokenizer_of_clip(None, tiny_clip_export))
 
 
 @pytest.fixture(scope="module")
 def batch64(shapes_root, tiny_clip_export):
-    return first_batch(shapes_root, 64, 8, load_clip_export(tiny_clip_export)[1])
+    return first_batch(shapes_root, 64, 8, tokenizer_of_clip(None, tiny_clip_export))
 
 
 def fit_fixed_batch(module, batch, steps=25):
@@ -272,7 +272,7 @@ def test_trainer_run_averages_weights_scores_samples_and_draws_a_grid(tmp_path, 
         tiny_clip_export,
         [f"model.{stage}.sample_steps=2", "stage.metrics.num_samples=6", "callbacks.sample_grid.num_rows=2"],
     )
-    _, tokenizer = load_clip_export(tiny_clip_export)
+    tokenizer = tokenizer_of_clip(None, tiny_clip_export)
     size = plain["stage"]["image_size"]
     dm = small_shapes(
         shapes_root,

@@ -133,7 +133,7 @@ def test_train_py_fine_tunes_a_decoder_export_into_an_editing_decoder(tiny_expor
     export = tmp_path / "export" / "decoder_edit"
     args = [
         "stage=decoder",
-        f"stage.clip_export={tiny_exports['clip']}",
+        f"stage.clip={tiny_exports['clip']}",
         f"stage.init_from={tiny_exports['decoder']}",
         "model.decoder.inpainting=true",
         f"callbacks.export.dirpath={export}",
@@ -185,9 +185,9 @@ def test_the_demo_editing_recipe_starts_from_the_demo_decoder_and_exports_beside
 @pytest.fixture(scope="module")
 def batch32(shapes_root, tiny_clip_export):
     from conftest import first_batch
-    from dalle_lightning.export import load_clip_export
+    from dalle_lightning.models.clip import load_frozen_clip
 
-    return first_batch(shapes_root, 32, 8, load_clip_export(tiny_clip_export)[1])
+    return first_batch(shapes_root, 32, 8, load_frozen_clip(tiny_clip_export, text=False, image=False).tokenizer)
 
 
 def test_editing_decoder_sees_the_known_pixels_and_replacement_only_when_asked(editing_pipe, batch32):

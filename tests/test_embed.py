@@ -21,8 +21,7 @@ from dalle_lightning.data.decode import decode_image, image_member
 from dalle_lightning.data.shards import expand_shards
 from dalle_lightning.embed import SUMMARY, embed_shards, output_name
 from dalle_lightning.errors import UserError
-from dalle_lightning.export import load_clip_export
-from dalle_lightning.models.clip import encode_images, encode_texts
+from dalle_lightning.models.clip import load_frozen_clip
 
 EMB_MEMBERS = ("img_emb.npy", "txt_emb.npy", "txt_ids.npy")
 SAMPLES_PER_SHARD = 40
@@ -61,9 +60,9 @@ def load_npy(data: bytes) -> np.ndarray:
 
 def test_embedding_shards_hold_the_originals_and_the_embeddings(tmp_path, clip_export, train_shards):
     shard = train_shards[0]
-    summary = embed_shards(shard, tmp_path / "a", clip_export=str(clip_export), batch_size=16, num_workers=0)
-    model, tokenizer = load_clip_export(clip_export)
-    dim, context = model.config.projection_dim, tokenizer.model_max_length
+    summary = embed_shards(shard, tmp_path / "a", clip=str(clip_export), batch_size=16, num_workers=0)
+    clip = load_frozen_clip(clip_export)
+    dim, context = clip.projection_dim, clip.context_length
     out = tmp_path / "a" / Path(shard).name
     original, embedded = tar_members(shard), tar_members(out)
     keys = sorted({name.split(".", 1)[0] for name in original})
@@ -90,29 +89,64 @@ def test_embedding_shards_hold_the_originals_and_the_embeddings(tmp_path, clip_e
     images, captions = [], []
     for k in keys[:24]:
         sample["jpg"] = original[f"{k}.jpg"]
-        images.append(decode_image(image_member(sample), model.config.vision_config.image_size, 16))
+        images.append(decode_image(image_member(sample), clip.image_size, 16))
         captions.append(original[f"{k}.txt"].decode())
-    tokens = tokenizer(captions, padding="max_length", truncation=True, max_length=context, return_tensors="pt")
-    with torch.no_grad():
-        pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
-        direct_img = encode_images(model, pixels).numpy()
-        direct_txt = encode_texts(model, tokens["input_ids"], tokens["attention_mask"]).numpy()
+    tokens = clip.tokenizer(captions, padding="max_length", truncation=True, max_length=context, return_tensors="pt")
+    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    direct_img = clip.encode_images(pixels).numpy()
+    direct_txt = clip.encode_texts(tokens["input_ids"], tokens["attention_mask"]).numpy()
     np.testing.assert_allclose(img[:24].astype(np.float32), direct_img, atol=1e-2)
     np.testing.assert_allclose(txt[:24].astype(np.float32), direct_txt, atol=1e-2)
     np.testing.assert_array_equal(ids[:24], tokens["input_ids"].numpy())
 
     # Deterministic: reading in worker processes gives byte-identical shards.
-    embed_shards([shard], tmp_path / "b", clip_export=str(clip_export), batch_size=16, num_workers=2)
+    embed_shards([shard], tmp_path / "b", clip=str(clip_export), batch_size=16, num_workers=2)
     assert (tmp_path / "b" / out.name).read_bytes() == out.read_bytes()
+
+
+def test_clip_retrieval_format_holds_the_same_embeddings_without_the_images(tmp_path, clip_export, train_shards):
+    """format=clip_retrieval: a part per shard (no image bytes), row i of its three files one sample, the same
+    embeddings as the shard format's, the sample's json flattened into columns; the prior's reader takes it."""
+    import pyarrow.parquet as pq
+
+    from dalle_lightning.data.datamodule import ClipRetrievalDataModule
+
+    shards = train_shards[:2]
+    embed_shards(shards, tmp_path / "shards", clip=str(clip_export), batch_size=16, num_workers=0)
+    summary = embed_shards(
+        shards, tmp_path / "parts", clip=str(clip_export), format="clip_retrieval", batch_size=16, num_workers=0
+    )
+    assert summary["complete"] and summary["written"] == 2 * SAMPLES_PER_SHARD and summary["format"] == "clip_retrieval"
+    stem = Path(shards[0]).stem
+    img = np.load(tmp_path / "parts" / "img_emb" / f"img_emb_{stem}.npy", allow_pickle=False)
+    txt = np.load(tmp_path / "parts" / "text_emb" / f"text_emb_{stem}.npy", allow_pickle=False)
+    table = pq.read_table(tmp_path / "parts" / "metadata" / f"metadata_{stem}.parquet")
+    assert img.dtype == txt.dtype == np.float16 and img.shape == txt.shape == (SAMPLES_PER_SHARD, 128)
+    assert {"key", "caption", "group", "heldout", "kind", "objects"} <= set(table.column_names)
+    assert table.schema.field("heldout").type == "bool" and isinstance(table.column("objects")[0].as_py(), str)
+    members = tar_members(tmp_path / "shards" / Path(shards[0]).name)
+    for row, key in enumerate(table.column("key").to_pylist()):
+        assert np.array_equal(img[row], load_npy(members[f"{key}.img_emb.npy"]))
+        assert np.array_equal(txt[row], load_npy(members[f"{key}.txt_emb.npy"]))
+        assert table.column("caption")[row].as_py() == members[f"{key}.txt"].decode()
+    assert not list((tmp_path / "parts").glob("**/*.tar")) and not list((tmp_path / "parts").glob("**/*.tmp"))
+
+    parquet = tmp_path / "parts" / "metadata" / f"metadata_{stem}.parquet"
+    mtime = parquet.stat().st_mtime_ns
+    embed_shards(shards, tmp_path / "parts", clip=str(clip_export), format="clip_retrieval", num_workers=0)
+    assert parquet.stat().st_mtime_ns == mtime  # done parts are skipped
+    dm = ClipRetrievalDataModule(str(tmp_path / "parts"), batch_size=8, samples_per_epoch=16, val_samples=8)
+    dm.setup("fit")
+    assert [p.rows for p in dm.parts] == [SAMPLES_PER_SHARD] * 2 and dm.embedding_dim == 128
 
 
 def test_reruns_skip_finished_shards_and_redo_deleted_ones(tmp_path, clip_export, train_shards):
     shards = train_shards[:2]
     out = tmp_path / "emb"
-    embed_shards(shards, out, clip_export=str(clip_export), batch_size=16, num_workers=0, progress=False)
+    embed_shards(shards, out, clip=str(clip_export), batch_size=16, num_workers=0, progress=False)
     paths = [out / Path(s).name for s in shards]
     mtimes = [p.stat().st_mtime_ns for p in paths]
-    summary = embed_shards(shards, out, clip_export=str(clip_export), num_workers=0, progress=False)
+    summary = embed_shards(shards, out, clip=str(clip_export), num_workers=0, progress=False)
     assert [p.stat().st_mtime_ns for p in paths] == mtimes
     assert (
         summary["written"] == 2 * SAMPLES_PER_SHARD and summary["complete"]
@@ -120,11 +154,11 @@ def test_reruns_skip_finished_shards_and_redo_deleted_ones(tmp_path, clip_export
 
     before = paths[0].read_bytes()
     paths[0].unlink()
-    summary = embed_shards(shards, out, clip_export=str(clip_export), batch_size=16, num_workers=0)
+    summary = embed_shards(shards, out, clip=str(clip_export), batch_size=16, num_workers=0)
     assert paths[0].read_bytes() == before and paths[1].stat().st_mtime_ns == mtimes[1]
     assert summary["written"] == 2 * SAMPLES_PER_SHARD and not list(out.glob("*.tmp"))
     (out / Path(shards[1]).name.replace(".tar", "_stats.json")).unlink()  # counted from the shard itself
-    assert embed_shards(shards, out, clip_export=str(clip_export))["written"] == 2 * SAMPLES_PER_SHARD
+    assert embed_shards(shards, out, clip=str(clip_export))["written"] == 2 * SAMPLES_PER_SHARD
 
 
 def test_unreadable_shards_are_counted_and_redone_on_the_next_run(tmp_path, clip_export, train_shards):
@@ -135,11 +169,11 @@ def test_unreadable_shards_are_counted_and_redone_on_the_next_run(tmp_path, clip
         member = [m for m in tar.getmembers() if m.name.endswith(".jpg")][SAMPLES_PER_SHARD // 2]
     source.write_bytes(data[: member.offset_data + member.size // 2])  # truncated in an image
     out = tmp_path / "emb"
-    summary = embed_shards(str(source), out, clip_export=str(clip_export), batch_size=8, num_workers=0)
+    summary = embed_shards(str(source), out, clip=str(clip_export), batch_size=8, num_workers=0)
     assert summary["bad_shards"] == [str(source)] and summary["skipped"] == {"bad_shard": 1}
     assert summary["written"] == 0 and summary["shards"] == [] and not list(out.glob("*.tar*"))
     source.write_bytes(data)  # repaired: the next run does it
-    summary = embed_shards(str(source), out, clip_export=str(clip_export), batch_size=8, num_workers=0)
+    summary = embed_shards(str(source), out, clip=str(clip_export), batch_size=8, num_workers=0)
     assert summary["written"] == SAMPLES_PER_SHARD and not summary["bad_shards"] and summary["skipped"] == {}
 
 
@@ -160,7 +194,7 @@ def test_pickles_are_copied_never_run_and_refused_when_read_back(tmp_path, clip_
     source = write_tar(tmp_path / "evil-000000.tar", evil)
 
     out = tmp_path / "emb"
-    summary = embed_shards(str(source), out, clip_export=str(clip_export), num_workers=0)
+    summary = embed_shards(str(source), out, clip=str(clip_export), num_workers=0)
     embedded = tar_members(out / source.name)
     assert summary["written"] == 4 and not marker.exists()
     assert summary["skipped"] == {"corrupt_image": 1, "empty_caption": 1}
@@ -187,7 +221,7 @@ def test_root_embed_py_runs_and_reports_errors_in_one_line(tmp_path, clip_export
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     base = [sys.executable, str(ROOT / "embed.py"), f"shards='{pattern}'", f"output_dir={tmp_path / 'emb'}"]
     ok = subprocess.run(
-        [*base, f"clip_export={clip_export}", "num_workers=0", "batch_size=32"],
+        [*base, f"clip={clip_export}", "num_workers=0", "batch_size=32"],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -199,11 +233,11 @@ def test_root_embed_py_runs_and_reports_errors_in_one_line(tmp_path, clip_export
     assert list((tmp_path / "outputs" / "embed").iterdir())  # Hydra's log folder
 
     bad = subprocess.run(
-        [*base, "clip_export=/nowhere"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+        [*base, "clip=/nowhere/no-clip"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
     )
     errors = lines_starting(bad.stderr)
     assert bad.returncode == 2 and len(errors) == 1 and "Traceback" not in bad.stderr, bad.stderr[-3000:]
-    assert "clip_export='/nowhere'" in errors[0]
+    assert "clip='/nowhere/no-clip' does not exist" in errors[0]
 
 
 def test_ranks_split_the_shards(tmp_path, clip_export, train_shards, monkeypatch):
@@ -211,11 +245,11 @@ def test_ranks_split_the_shards(tmp_path, clip_export, train_shards, monkeypatch
     names = [Path(s).name for s in train_shards]
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    summary = embed_shards(train_shards, out, clip_export=str(clip_export), batch_size=16, num_workers=0)
+    summary = embed_shards(train_shards, out, clip=str(clip_export), batch_size=16, num_workers=0)
     assert sorted(p.name for p in out.glob("*.tar")) == [names[0], names[2]]
     assert not summary["complete"] and summary["pending"] == [train_shards[1]] and not (out / SUMMARY).exists()
     monkeypatch.setenv("RANK", "1")
-    summary = embed_shards(train_shards, out, clip_export=str(clip_export), batch_size=16, num_workers=0)
+    summary = embed_shards(train_shards, out, clip=str(clip_export), batch_size=16, num_workers=0)
     assert sorted(p.name for p in out.glob("*.tar")) == names
     assert summary["complete"] and summary["written"] == 3 * SAMPLES_PER_SHARD
     assert json.loads((out / SUMMARY).read_text())["shards"] == [str(out / n) for n in names]
@@ -223,15 +257,17 @@ def test_ranks_split_the_shards(tmp_path, clip_export, train_shards, monkeypatch
 
 def test_user_errors(tmp_path, clip_export, train_shards):
     with pytest.raises(UserError, match="matches no file"):
-        embed_shards(str(tmp_path / "none-{0..3}.tar"), tmp_path / "o", clip_export=str(clip_export))
-    with pytest.raises(UserError, match="not a clip export"):
-        embed_shards(train_shards[0], tmp_path / "o", clip_export=str(tmp_path))
-    with pytest.raises(UserError, match="pretrained='/nowhere/clip' cannot be loaded"):
-        embed_shards(train_shards[0], tmp_path / "o", pretrained="/nowhere/clip")
+        embed_shards(str(tmp_path / "none-{0..3}.tar"), tmp_path / "o", clip=str(clip_export))
+    with pytest.raises(UserError, match="is not a CLIP folder"):
+        embed_shards(train_shards[0], tmp_path / "o", clip=str(tmp_path))
+    with pytest.raises(UserError, match="clip='/nowhere/no-clip' does not exist"):
+        embed_shards(train_shards[0], tmp_path / "o", clip="/nowhere/no-clip")
+    with pytest.raises(UserError, match="format='tar' is unknown"):
+        embed_shards(train_shards[0], tmp_path / "o", clip=str(clip_export), format="tar")
     (tmp_path / "file").write_text("")
     with pytest.raises(UserError, match="cannot be created"):
-        embed_shards(train_shards[0], tmp_path / "file" / "o", clip_export=str(clip_export))
+        embed_shards(train_shards[0], tmp_path / "file" / "o", clip=str(clip_export))
     with pytest.raises(UserError, match="holds the input shards"):
-        embed_shards(train_shards[0], Path(train_shards[0]).parent, clip_export=str(clip_export))
+        embed_shards(train_shards[0], Path(train_shards[0]).parent, clip=str(clip_export))
     assert output_name("pipe:aws s3 cp s3://bucket/laion/00012.tar -") == "00012.tar"
     assert output_name("https://host/shards/00007.tar.gz?token=x") == "00007.tar"

@@ -97,7 +97,7 @@ def test_exports_of_todays_manifests_still_load(tiny_exports):
     for stage in ("prior", "decoder", "upsampler"):
         info = json.loads((tiny_exports[stage] / MANIFEST).read_text())
         assert info["config"]["stage"]["module"]["_target_"].endswith("Module")
-        module = load_stage_export(tiny_exports[stage], stage, clip_export=tiny_exports["clip"])
+        module = load_stage_export(tiny_exports[stage], stage, clip=tiny_exports["clip"])
         assert type(module).__name__ == info["config"]["stage"]["module"]["_target_"].rsplit(".", 1)[-1]
         assert not module.training
 
@@ -107,13 +107,13 @@ def test_inception_weights_are_loaded_as_tensors_only(tiny_clip_export, tmp_path
     built (torch-fidelity itself would unpickle it); a file of tensors passes."""
     import torch
 
-    from dalle_lightning.export import load_clip_export
     from dalle_lightning.metrics.image import frechet_distance, inception_state_dict
+    from dalle_lightning.models.clip import load_frozen_clip
 
     marker = tmp_path / "pwned"
     hostile = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
     torch.save({"fc.weight": torch.zeros(2, 2), "hook": Detonator(str(marker))}, hostile)
-    clip, _ = load_clip_export(tiny_clip_export)
+    clip = load_frozen_clip(tiny_clip_export)
     with pytest.raises(UserError) as err:
         frechet_distance(clip, hostile)
     assert not marker.exists()

@@ -7,13 +7,14 @@ import pytest
 import torch
 
 from conftest import small_shapes
-from dalle_lightning.export import load_clip_export, write_export
+from dalle_lightning.export import write_export
 from dalle_lightning.metrics.image import ClipScore, frechet_distance
+from dalle_lightning.models.clip import load_frozen_clip
 
 
 @pytest.fixture(scope="module")
 def val_batch(shapes_root, trained_clip_export):
-    _, tokenizer = load_clip_export(trained_clip_export)
+    tokenizer = load_frozen_clip(trained_clip_export, text=False, image=False).tokenizer
     dm = small_shapes(shapes_root, image_size=32, batch_size=128, num_workers=0, val_samples=128, tokenizer=tokenizer)
     dm.setup("validate")
     return dm.on_after_batch_transfer(next(iter(dm.val_dataloader())), 0)
@@ -45,7 +46,7 @@ def trained_clip_export(shapes_root, tmp_path_factory):
 
 
 def test_frechet_distance_is_zero_on_itself_and_large_against_noise(trained_clip_export, val_batch):
-    clip, _ = load_clip_export(trained_clip_export)
+    clip = load_frozen_clip(trained_clip_export)
     name, fd = frechet_distance(clip, inception_weights="/nowhere/inception.pth")
     assert name == "fd_clip"  # no Inception weights here: the CLIP image encoder is the feature extractor
     images = val_batch["image"]
@@ -66,7 +67,7 @@ def test_frechet_distance_is_zero_on_itself_and_large_against_noise(trained_clip
 
 
 def test_clip_score_of_matching_pairs_beats_shuffled_pairs(trained_clip_export, val_batch):
-    clip, _ = load_clip_export(trained_clip_export)
+    clip = load_frozen_clip(trained_clip_export)
     score = ClipScore(clip)
     score.update(val_batch["image"], val_batch["input_ids"], val_batch["attention_mask"])
     matched = score.compute().item()

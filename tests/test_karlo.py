@@ -19,9 +19,8 @@ from transformers import CLIPTextModelWithProjection
 
 from conftest import Detonator, compose_config, first_batch
 from dalle_lightning.errors import UserError
-from dalle_lightning.export import load_clip_export
-from dalle_lightning.models.clip import encode_images, encode_texts
-from dalle_lightning.models.tokenizer import load_tokenizer, tokenize_prompts
+from dalle_lightning.models.clip import load_frozen_clip
+from dalle_lightning.models.tokenizer import load_tokenizer
 from test_decoder import fit_fixed_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -33,7 +32,7 @@ PROMPTS = ["a red circle", "two blue squares to the left of a green triangle", "
 
 def karlo_stage(tmp_path, stage, clip_export, overrides=()):
     """A stage module of the `karlo` preset, built from the composed training config as train.py builds it."""
-    preset = [f"stage={stage}", f"model/{stage}=karlo", f"stage.clip_export={clip_export}"]
+    preset = [f"stage={stage}", f"model/{stage}=karlo", f"stage.clip={clip_export}"]
     cfg = compose_config([*preset, "scheduler=constant", *overrides], tmp_path)
     plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     torch.manual_seed(0)
@@ -58,7 +57,8 @@ def reference(karlo_folder):
     tokenizer = load_tokenizer(karlo_folder / "tokenizer")
 
     def encode(prompts):
-        ids, mask = tokenize_prompts(tokenizer, prompts)
+        tokens = tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt")
+        ids, mask = tokens["input_ids"], tokens["attention_mask"]
         with torch.no_grad():
             output = text_encoder(ids)
         return ids, mask.bool(), output.text_embeds, output.last_hidden_state
@@ -79,14 +79,14 @@ def report(name, difference):
 def test_prior_outputs_and_loss_equal_diffusers(tmp_path, tiny_clip_export, karlo_folder, reference, images):
     module = load_prior(tmp_path, tiny_clip_export, karlo_folder)
     diffusers_prior = PriorTransformer.from_pretrained(karlo_folder / "prior", use_safetensors=True).eval()
-    clip, _ = load_clip_export(tiny_clip_export)
+    clip = load_frozen_clip(tiny_clip_export)
     ids, mask, text_embeds, hidden_states = reference["text"]
     _, empty_mask, empty_embeds, empty_states = reference["empty"]
     with torch.no_grad():
         # what embed.py normalize=false writes into the shards
         batch = {
-            "img_emb": encode_images(clip, F.interpolate(images, size=32, mode="area"), normalize=False),
-            "txt_emb": encode_texts(clip, ids, mask.long(), normalize=False),
+            "img_emb": clip.encode_images(F.interpolate(images, size=32, mode="area"), normalize=False),
+            "txt_emb": clip.encode_texts(ids, mask.long(), normalize=False),
             "txt_ids": ids,
         }
         x = torch.randn(len(PROMPTS), 128, generator=torch.Generator().manual_seed(0))

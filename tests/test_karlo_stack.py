@@ -32,7 +32,7 @@ def test_fine_tune_karlo_then_run_the_export_in_diffusers(tmp_path, shapes_root,
             shards, tmp_path / "emb" / split, str(tiny_clip_export), num_workers=0, progress=False, normalize=False
         )
     common = [
-        f"stage.clip_export={tiny_clip_export}",
+        f"stage.clip={tiny_clip_export}",
         "trainer=cpu",
         "trainer.max_steps=3",
         "trainer.max_epochs=-1",

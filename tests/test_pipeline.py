@@ -94,7 +94,7 @@ def test_text_to_image_shapes_range_and_embeddings(pipe, generated):
     assert_images(generated.images, 4, 64)
     assert generated.captions == [PROMPTS[0], PROMPTS[0], PROMPTS[1], PROMPTS[1]]
     assert generated.filtered == [None] * 4
-    assert generated.image_embeds.shape == (4, pipe.clip.config.projection_dim)
+    assert generated.image_embeds.shape == (4, pipe.clip.projection_dim)
     assert_unit(generated.image_embeds)  # the prior's samples are L2-normalised
     assert generated.images.std() > 0.05  # not a constant image
     pil = generated.pil()
@@ -174,9 +174,7 @@ def test_interpolate_needs_two_steps_and_an_allowed_prompt(pipe, tmp_path):
             pipe.interpolate("a red circle", "a blue square", steps=steps)
     blocklist = tmp_path / "blocklist.txt"
     blocklist.write_text("circle\n")
-    blocked = UnCLIPPipeline(
-        pipe.clip, pipe.tokenizer, pipe.prior, pipe.decoder, prompt_filter=PromptBlocklist(blocklist)
-    )
+    blocked = UnCLIPPipeline(pipe.clip, pipe.prior, pipe.decoder, prompt_filter=PromptBlocklist(blocklist))
     with pytest.raises(UserError, match="blocked"):
         blocked.interpolate("a red circle", "a blue square", steps=2)
 
@@ -278,7 +276,6 @@ def test_prompt_blocklist_and_image_filter(pipe, tmp_path):
 
     filtered = UnCLIPPipeline(
         pipe.clip,
-        pipe.tokenizer,
         pipe.prior,
         pipe.decoder,
         pipe.upsampler,
@@ -300,7 +297,7 @@ def test_everything_blocked_gives_black_images(pipe, tmp_path):
     blocklist = tmp_path / "blocklist.txt"
     blocklist.write_text("square\n")
     blocked = UnCLIPPipeline(
-        pipe.clip, pipe.tokenizer, pipe.prior, pipe.decoder, pipe.upsampler, prompt_filter=PromptBlocklist(blocklist)
+        pipe.clip, pipe.prior, pipe.decoder, pipe.upsampler, prompt_filter=PromptBlocklist(blocklist)
     )
     out = blocked(["a blue square"], num_images_per_prompt=2, progress=False)
     assert (out.images == -1).all() and out.filtered == ["prompt", "prompt"]
@@ -313,9 +310,9 @@ def test_filter_errors_and_concept_filter(pipe, generated, tmp_path):
     empty.write_text("# nothing\n")
     assert not PromptBlocklist(empty)("a red circle")
     with pytest.raises(UserError, match="at least one concept"):
-        ConceptFilter(pipe.clip, pipe.tokenizer, [], threshold=0.5)
-    everything = ConceptFilter(pipe.clip, pipe.tokenizer, ["a red circle"], threshold=-1.0)
-    nothing = ConceptFilter(pipe.clip, pipe.tokenizer, ["a red circle"], threshold=1.01)
+        ConceptFilter(pipe.clip, [], threshold=0.5)
+    everything = ConceptFilter(pipe.clip, ["a red circle"], threshold=-1.0)
+    nothing = ConceptFilter(pipe.clip, ["a red circle"], threshold=1.01)
     assert everything(generated.images, generated.captions).tolist() == [True] * 4
     assert nothing(generated.images, generated.captions).tolist() == [False] * 4
 

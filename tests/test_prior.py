@@ -8,19 +8,17 @@ from omegaconf import OmegaConf
 
 from conftest import compose_config, first_batch
 from dalle_lightning.errors import UserError
-from dalle_lightning.export import load_clip_export
-from dalle_lightning.models.clip import encode_images, encode_texts
+from dalle_lightning.models.clip import load_frozen_clip
 from dalle_lightning.stages.prior import PriorModule
 
 
 @pytest.fixture(scope="module")
 def embedding_batch(shapes_root, tiny_clip_export):
     """Real Shapes samples embedded by the CLIP export, as the embedding shards would hold them."""
-    clip, tokenizer = load_clip_export(tiny_clip_export)
-    batch = first_batch(shapes_root, image_size=32, batch_size=32, tokenizer=tokenizer)
-    with torch.no_grad():
-        image = encode_images(clip, batch["image"])
-        text = encode_texts(clip, batch["input_ids"], batch["attention_mask"])
+    clip = load_frozen_clip(tiny_clip_export)
+    batch = first_batch(shapes_root, image_size=32, batch_size=32, tokenizer=clip.tokenizer)
+    image = clip.encode_images(batch["image"])
+    text = clip.encode_texts(batch["input_ids"], batch["attention_mask"])
     return {
         "img_emb": image,
         "txt_emb": text,
@@ -79,21 +77,21 @@ def test_sampling_returns_unit_embeddings_deterministically(tmp_path, tiny_clip_
 def test_missing_clip_export_is_a_one_line_error(tmp_path):
     with pytest.raises(UserError) as info:
         make_prior(tmp_path, tmp_path / "no-export")
-    assert "stage.clip_export" in str(info.value) and "\n" not in str(info.value)
+    assert "stage.clip=" in str(info.value) and "\n" not in str(info.value)
 
 
-def test_checkpoints_leave_out_the_frozen_text_encoder(tmp_path, tiny_clip_export):
-    module = make_prior(tmp_path, tiny_clip_export)
-    checkpoint = {"state_dict": module.state_dict()}
-    module.on_save_checkpoint(checkpoint)
-    assert not any(k.startswith("text_encoder.") for k in checkpoint["state_dict"])
-    module.on_load_checkpoint(checkpoint)
-    module.load_state_dict(checkpoint["state_dict"])  # strict: the encoder comes back from the export
+def test_the_frozen_text_tower_is_no_part_of_the_module(tmp_path, tiny_clip_export):
+    module = make_prior(tmp_path, tiny_clip_export, ["model.prior.text_tokens=true"])
+    assert module.clip.text_encoder is not None
+    assert all(k.startswith(("prior.", "val_metrics.")) for k in module.state_dict())  # checkpoints and exports
+    assert {id(p) for p in module.parameters()} == {id(p) for p in module.prior.parameters()}
+    optimized = {id(p) for group in module.configure_optimizers()["optimizer"].param_groups for p in group["params"]}
+    assert not optimized & {id(p) for p in module.clip.text_encoder.parameters()}
 
 
 def test_text_mask_ends_at_the_first_end_of_text(tmp_path, tiny_clip_export, embedding_batch):
     module = make_prior(tmp_path, tiny_clip_export, ["model.prior.text_tokens=true"])
-    eos = module.text_encoder.config.eos_token_id
+    eos = module.clip.tokenizer.eos_token_id
     ids = torch.tensor([[0, 5, 6, eos, eos, eos]])  # padded with end-of-text, as OpenAI's tokenizer does
     _, encodings, mask = module.text_condition({"txt_emb": torch.zeros(1, module.embedding_dim), "txt_ids": ids})
     assert mask.tolist() == [[True, True, True, True, False, False]]

@@ -68,7 +68,7 @@ def _args(tmp: Path, shapes_root: Path, clip_export: Path, name: str) -> list[st
     # validation between epochs, so the resumed span crosses epoch ends.
     return [
         "stage=decoder",
-        f"stage.clip_export={clip_export}",
+        f"stage.clip={clip_export}",
         *shapes_overrides(shapes_root),
         "trainer=cpu",
         f"trainer.max_steps={STEPS}",

@@ -34,7 +34,7 @@ def _args(tmp_path: Path, shapes_root: Path, clip_export: Path, name: str, every
     # 12 batches an epoch with validation between epochs, so the resumed span crosses epoch ends.
     return [
         "stage=decoder",
-        f"stage.clip_export={clip_export}",
+        f"stage.clip={clip_export}",
         *shapes_overrides(shapes_root),
         "trainer=cpu",
         f"trainer.max_steps={STEPS}",

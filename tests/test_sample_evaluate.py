@@ -72,7 +72,7 @@ def test_sample_cli_error_is_one_line(tiny_exports, tmp_path):
     result = run_script("sample.py", ["prompts=[a red circle]", run_dir], tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"error: exports.clip='{tmp_path}/export/clip' is not a clip export"), last
+    assert last.startswith(f"error: exports.clip='{tmp_path}/export/clip' does not exist"), last
 
 
 @pytest.mark.parametrize(
@@ -147,5 +147,5 @@ def test_evaluate_scores_with_a_reference_clip(tiny_exports, shapes_root, tmp_pa
     assert by_reference["clip_score_real"] != pytest.approx(by_own["clip_score_real"])
     assert by_reference["compositional"] == by_own["compositional"]
     cfg = compose_config([*args, f"scorer_clip={tmp_path}"], tmp_path, "evaluate")
-    with pytest.raises(UserError, match="holds no CLIP"):
+    with pytest.raises(UserError, match="is not a CLIP folder"):
         evaluate(cfg)

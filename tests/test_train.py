@@ -146,7 +146,7 @@ def test_embed_then_train_prior_decoder_and_upsampler(tmp_path, shapes_root, tin
             [
                 sys.executable,
                 str(ROOT / "embed.py"),
-                f"clip_export={tiny_clip_export}",
+                f"clip={tiny_clip_export}",
                 f"shards='{manifest['shards'][split]}'",
                 f"output_dir={tmp_path}/emb/{split}",
                 "num_workers=0",
@@ -156,7 +156,7 @@ def test_embed_then_train_prior_decoder_and_upsampler(tmp_path, shapes_root, tin
         assert embed.returncode == 0, embed.stderr[-3000:]
     prior_args = [
         "stage=prior",
-        f"stage.clip_export={tiny_clip_export}",
+        f"stage.clip={tiny_clip_export}",
         "trainer=cpu",
         "trainer.max_steps=8",
         "trainer.max_epochs=-1",
@@ -180,7 +180,7 @@ def test_embed_then_train_prior_decoder_and_upsampler(tmp_path, shapes_root, tin
     assert (tmp_path / "export" / "prior" / "prior" / "diffusion_pytorch_model.safetensors").exists()
 
     small_run = [
-        f"stage.clip_export={tiny_clip_export}",
+        f"stage.clip={tiny_clip_export}",
         "trainer=cpu",
         "trainer.max_steps=4",
         "trainer.max_epochs=-1",
@@ -224,7 +224,7 @@ def test_embed_then_train_prior_decoder_and_upsampler(tmp_path, shapes_root, tin
     cfg = OmegaConf.to_container(compose_config(["model.clip.projection_dim=64"], tmp_path), resolve=True)
     narrow = ClipModule(cfg["model"]["clip"], cfg["optim"], None, load_tokenizer(tiny_clip_export))
     other = write_export(tmp_path / "clip64", "clip", narrow.export)
-    result = run_train([*prior_args, f"stage.clip_export={other}", "run_name=mismatch"], tmp_path)
+    result = run_train([*prior_args, f"stage.clip={other}", "run_name=mismatch"], tmp_path)
     lines = lines_starting(result.stderr)
     assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
     assert "128-wide" in lines[0] and "64-wide" in lines[0]

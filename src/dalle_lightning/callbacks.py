@@ -47,7 +47,7 @@ class ExportCallback(L.Callback):
             return
         with self._full_weights(trainer):
             if trainer.is_global_zero:
-                write_export(self.dirpath, self.stage, pl_module.export, self.config)
+                write_export(self.dirpath, self.stage, pl_module.export, self.config, pl_module.manifest_info())
                 log.info("exported %s to %s", self.stage, self.dirpath)
 
     @staticmethod

@@ -89,12 +89,12 @@ def last_grid(run_dir: Path) -> str:
 def evaluate_clip(export: Path, grid_path: Path, rows: int = 8, top: int = 5) -> dict[str, float]:
     """Held-out text→image R@1 by scene kind (single / count / relation; gallery: the whole val set), and a
     picture: held-out captions, each with the val images the trained CLIP ranks highest for it."""
-    from dalle_lightning.export import load_clip_export
     from dalle_lightning.metrics.retrieval import RetrievalMetrics
+    from dalle_lightning.models.clip import load_frozen_clip
     from dalle_lightning.shapes.validation import embed_val_split
     from dalle_lightning.visualize import captioned_grid
 
-    cat = embed_val_split(*load_clip_export(export), SHAPES_DIR)
+    cat = embed_val_split(load_frozen_clip(export, "clip"), SHAPES_DIR)
     captions, images, texts = cat["caption"], cat["image_emb"], cat["text_emb"]
     kinds = [m.get("kind", "") for m in cat["meta"]]
     # Queries of each kind against the whole val gallery.
@@ -126,7 +126,7 @@ def embed_shapes(clip_export: Path) -> dict[str, str]:
     shutil.rmtree(out, ignore_errors=True)  # the CLIP was just retrained: old embeddings are stale
     patterns = {}
     for split in ("train", "val"):
-        args = [f"clip_export={clip_export}", f"shards='{manifest['shards'][split]}'", f"output_dir={out / split}"]
+        args = [f"clip={clip_export}", f"shards='{manifest['shards'][split]}'", f"output_dir={out / split}"]
         # embed.py reads with 4 worker processes by default; on the demo's 2 cores torch warns of too many
         args.append(f"num_workers={min(4, os.cpu_count() or 1)}")
         run_script(f"embed {split}", "embed.py", OUT / "runs" / f"embed_{split}", args)
@@ -228,7 +228,7 @@ def main() -> None:
     prior_metrics, prior_train_s, prior_run = train_stage(
         "prior",
         [
-            f"stage.clip_export={OUT / 'export' / 'clip'}",
+            f"stage.clip={OUT / 'export' / 'clip'}",
             f"data.train_shards='{embeddings['train']}'",
             f"data.val_shards='{embeddings['val']}'",
         ],
@@ -243,8 +243,8 @@ def main() -> None:
         "train_s": prior_train_s,
     }
 
-    clip_export = f"stage.clip_export={OUT / 'export' / 'clip'}"
-    decoder_metrics, times["decoder_s"], decoder_run = train_stage("decoder", [clip_export])
+    frozen_clip = f"stage.clip={OUT / 'export' / 'clip'}"
+    decoder_metrics, times["decoder_s"], decoder_run = train_stage("decoder", [frozen_clip])
     first = first_values(decoder_run, ["val/fd_clip", "val/clip_score"])
     decoder = {
         "fd_clip": decoder_metrics["val/fd_clip"],
@@ -255,7 +255,7 @@ def main() -> None:
         "val_loss": decoder_metrics["val/loss"],
     }
 
-    upsampler_metrics, times["upsampler_s"], upsampler_run = train_stage("upsampler", [clip_export])
+    upsampler_metrics, times["upsampler_s"], upsampler_run = train_stage("upsampler", [frozen_clip])
     first = first_values(upsampler_run, ["val/fd_clip", "val/psnr"])
     upsampler = {
         "fd_clip": upsampler_metrics["val/fd_clip"],

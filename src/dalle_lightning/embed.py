@@ -1,11 +1,20 @@
-"""Embedding shards: a frozen CLIP run over image-caption shards (the logic behind the root `embed.py`).
+"""Embeddings: a frozen CLIP run over image-caption shards (the logic behind the root `embed.py`).
 
-Each input shard becomes one output shard of the same name holding every original member, byte for byte,
-plus `img_emb.npy` and `txt_emb.npy` (float16, shape (D,): L2-normalised, or with `normalize=False` as CLIP
-projects them, the convention of Karlo's and Kandinsky's priors) and `txt_ids.npy` (int32 token ids, one
-context length). Work is resumable shard by shard: a shard is written to `<name>.tmp`, then renamed,
-so an output shard that exists is complete and a rerun skips it. Next to each shard, `<stem>_stats.json`
-(img2dataset's convention) records its counts; once every shard is done, `embeddings.json` sums them up.
+Two output formats, one output per input shard:
+
+- `shards`: a shard of the same name holding every original member, byte for byte, plus `img_emb.npy` and
+  `txt_emb.npy` (float16, shape (D,)) and `txt_ids.npy` (int32 token ids, one context length).
+  Next to each shard, `<stem>_stats.json` (img2dataset's convention) records its counts. What the decoder reads
+  when it takes its embeddings from shards.
+- `clip_retrieval`: the format clip-retrieval writes and LAION published its embeddings in, no image bytes: the
+  part `<stem>` of an input shard `<stem>.tar` is `img_emb/img_emb_<stem>.npy` and `text_emb/text_emb_<stem>.npy`
+  (float16, (N, D)) and `metadata/metadata_<stem>.parquet` (row i: `key`, `caption` and the
+  sample's json fields); its counts go to `stats/<stem>_stats.json`. What the prior reads (`data=clip_retrieval`).
+
+Embeddings are L2-normalised (the "unit" convention of `models.clip`), or with `normalize=False` as CLIP projects
+them ("raw", the convention of Karlo's and Kandinsky's priors). Work is resumable shard by shard: files are written
+under temporary names and renamed (a part's parquet last), so an output that exists is complete and a rerun skips it.
+Once every shard is done, `embeddings.json` sums it up.
 """
 
 from __future__ import annotations
@@ -29,14 +38,17 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from dalle_lightning.data.decode import SkipSample, decode_caption, decode_image, image_member
+from dalle_lightning.data.clip_retrieval import replace_synced, write_part
+from dalle_lightning.data.decode import SkipSample, decode_caption, decode_image, decode_json, image_member
 from dalle_lightning.data.shards import expand_shards
 from dalle_lightning.errors import UserError
+from dalle_lightning.models.clip import FrozenClip
 
 log = logging.getLogger(__name__)
 
 SUMMARY = "embeddings.json"
 EMBEDDING_MEMBERS = ("img_emb.npy", "txt_emb.npy", "txt_ids.npy")
+FORMATS = ("shards", "clip_retrieval")
 # Fixed member times (TarWriter stamps the clock otherwise): the same input gives byte-identical shards.
 _TAR_MTIME = 0
 _SHARD_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".tar")
@@ -143,27 +155,15 @@ def _device(device: str) -> torch.device:
     return chosen
 
 
-def load_clip(clip_export: str | None, pretrained: str | None) -> tuple[Any, Any, str]:
-    """(CLIPModel in eval mode, tokenizer, source): from `pretrained` when set, else from the CLIP export."""
-    if pretrained:
-        from transformers import CLIPModel
+def load_clip(clip: str | None) -> tuple[FrozenClip, str]:
+    """(the frozen CLIP with both towers, how the summary names it: a folder resolved, a hub name as given)."""
+    from dalle_lightning.models.clip import load_frozen_clip
 
-        from dalle_lightning.models.tokenizer import load_tokenizer
-
-        try:
-            model = CLIPModel.from_pretrained(str(pretrained)).eval()
-        except (OSError, ValueError) as err:
-            raise UserError(
-                f"pretrained='{pretrained}' cannot be loaded as a CLIP ({str(err).splitlines()[0]}); give a hub "
-                "name or a folder saved with save_pretrained, or pretrained=null to use clip_export"
-            ) from err
-        return model, load_tokenizer(pretrained), str(pretrained)
-    if not clip_export:
-        raise UserError("no CLIP to embed with: set clip_export=<CLIP export folder> or pretrained=<hub name>")
-    from dalle_lightning.export import load_clip_export
-
-    model, tokenizer = load_clip_export(clip_export, option="clip_export")
-    return model, tokenizer, str(Path(clip_export).expanduser().resolve())
+    if not clip:
+        raise UserError("no CLIP to embed with: set clip=<CLIP export, transformers CLIP folder or hub name>")
+    model = load_frozen_clip(clip, "clip", text=True, image=True)
+    path = Path(str(clip)).expanduser()
+    return model, str(path.resolve()) if path.exists() else str(clip)
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -186,10 +186,6 @@ def _write_json(path: Path, value: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _stats_path(shard: Path) -> Path:
-    return shard.with_name(shard.name.removesuffix(".tar") + "_stats.json")
-
-
 def _count_samples(shard: Path) -> int:
     """Samples in an embedding shard, from its member names (for a shard whose stats file is gone)."""
     with tarfile.open(shard) as tar:
@@ -197,69 +193,129 @@ def _count_samples(shard: Path) -> int:
 
 
 class _Embedder:
-    """The frozen CLIP and its tokenizer on one device: decoded samples in, numpy embeddings out."""
+    """The frozen CLIP on one device: decoded samples in, numpy embeddings and token ids out."""
 
-    def __init__(self, model: Any, tokenizer: Any, device: torch.device, normalize: bool = True):
-        self.model = model.to(device).eval().requires_grad_(False)
-        self.tokenizer = tokenizer
+    def __init__(self, clip: FrozenClip, device: torch.device, normalize: bool = True):
+        self.clip = clip.to(device)
         self.device = device
         self.normalize = normalize
-        text_config = model.config.text_config
-        # Some tokenizers report an effectively unbounded model_max_length; the model's positions bound it.
-        self.context_length = int(min(tokenizer.model_max_length, text_config.max_position_embeddings))
 
     @torch.no_grad()
     def __call__(self, images: list[np.ndarray], captions: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        from dalle_lightning.models.clip import encode_images, encode_texts
-
-        tokens = self.tokenizer(
-            captions, padding="max_length", truncation=True, max_length=self.context_length, return_tensors="pt"
-        )
+        input_ids, attention_mask = self.clip.tokenize(captions)
         pixels = torch.from_numpy(np.stack(images)).to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        input_ids = tokens["input_ids"].to(self.device)
-        attention_mask = tokens["attention_mask"].to(self.device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            img_emb = encode_images(self.model, pixels, self.normalize).float()
-            txt_emb = encode_texts(self.model, input_ids, attention_mask, self.normalize).float()
+            img_emb = self.clip.encode_images(pixels, self.normalize).float()
+            txt_emb = self.clip.encode_texts(input_ids.to(self.device), attention_mask.to(self.device), self.normalize)
+        txt_emb = txt_emb.float()
         if self.normalize:  # again in float32, so that the float16 copies are unit vectors to float16 precision
             img_emb, txt_emb = F.normalize(img_emb, dim=-1), F.normalize(txt_emb, dim=-1)
         as_half = lambda x: x.cpu().numpy().astype(np.float16)  # noqa: E731
-        return as_half(img_emb), as_half(txt_emb), tokens["input_ids"].numpy().astype(np.int32)
+        return as_half(img_emb), as_half(txt_emb), input_ids.numpy().astype(np.int32)
+
+
+class _ShardWriter:
+    """One output shard (format=shards) being written: the input's members and the embeddings, sample by sample."""
+
+    def __init__(self, path: Path):
+        self.path, self.tmp, self.written = path, path.with_name(path.name + ".tmp"), 0
+        self.file = open(self.tmp, "wb")  # noqa: SIM115  (closed in close)
+        self.writer = wds.TarWriter(self.file, encoder=False, mtime=_TAR_MTIME)
+
+    def add(self, members: list[dict[str, Any]], img_emb, txt_emb, txt_ids, captions: list[str]) -> None:
+        for j, sample in enumerate(members):
+            arrays = {"img_emb.npy": img_emb[j], "txt_emb.npy": txt_emb[j], "txt_ids.npy": txt_ids[j]}
+            self.writer.write({**sample, **{name: _npy(array) for name, array in arrays.items()}})
+        self.written += len(members)
+
+    def close(self, keep: bool) -> None:
+        self.writer.close()
+        self.file.close()
+        if keep:
+            replace_synced(self.tmp, self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
+
+
+def _metadata_table(keys: list[str], captions: list[str], metas: list[dict[str, Any]]):
+    """A part's metadata as an arrow table: `key`, `caption`, then the samples' json fields, one column each (as
+    clip-retrieval flattens them); a field whose values are not all of one scalar kind is kept as json text."""
+    import pyarrow as pa
+
+    columns: dict[str, list[Any]] = {"key": keys, "caption": captions}
+    for name in sorted({k for meta in metas for k in meta} - set(columns)):
+        values = [meta.get(name) for meta in metas]
+        kinds = {type(v) for v in values if v is not None}
+        if not (kinds <= {bool} or kinds <= {int, float} or kinds <= {str}):
+            values = [None if v is None else json.dumps(v) for v in values]
+        columns[name] = values
+    return pa.table(columns)
+
+
+class _PartWriter:
+    """One clip-retrieval part (format=clip_retrieval) being written: rows collected, the files written at close."""
+
+    def __init__(self, out: Path, stem: str, dim: int):
+        self.out, self.stem, self.dim, self.written = out, stem, dim, 0
+        self.img_emb: list[np.ndarray] = []
+        self.txt_emb: list[np.ndarray] = []
+        self.keys: list[str] = []
+        self.captions: list[str] = []
+        self.metas: list[dict[str, Any]] = []
+
+    def add(self, members: list[dict[str, Any]], img_emb, txt_emb, txt_ids, captions: list[str]) -> None:
+        self.img_emb.append(img_emb)
+        self.txt_emb.append(txt_emb)
+        self.keys += [str(sample.get("__key__", "")) for sample in members]
+        self.captions += captions
+        self.metas += [decode_json(sample.get("json")) for sample in members]
+        self.written += len(members)
+
+    def close(self, keep: bool) -> None:
+        if keep:
+            empty = np.zeros((0, self.dim), np.float16)
+            img = np.concatenate(self.img_emb) if self.img_emb else empty
+            txt = np.concatenate(self.txt_emb) if self.txt_emb else empty
+            write_part(self.out, self.stem, img, txt, _metadata_table(self.keys, self.captions, self.metas))
 
 
 @dataclass
-class _OpenShard:
-    path: Path
-    tmp: Path
-    file: Any
-    writer: wds.TarWriter
-    written: int = 0
+class _Layout:
+    """Where the output for an input shard named `<stem>.tar` goes in `out`, in `format`."""
 
+    out: Path
+    format: str
+    dim: int
 
-def _open_shard(path: Path) -> _OpenShard:
-    tmp = path.with_name(path.name + ".tmp")
-    file = open(tmp, "wb")  # noqa: SIM115  (closed in _close_shard)
-    writer = wds.TarWriter(file, encoder=False, mtime=_TAR_MTIME)
-    return _OpenShard(path, tmp, file, writer)
+    def target(self, name: str) -> Path:
+        """The file whose existence marks the input shard as done."""
+        if self.format == "shards":
+            return self.out / name
+        return self.out / "metadata" / f"metadata_{name.removesuffix('.tar')}.parquet"
 
+    def stats(self, name: str) -> Path:
+        stem = name.removesuffix(".tar")
+        return self.out / f"{stem}_stats.json" if self.format == "shards" else self.out / "stats" / f"{stem}_stats.json"
 
-def _close_shard(shard: _OpenShard, keep: bool) -> None:
-    shard.writer.close()
-    if keep:
-        shard.file.flush()
-        os.fsync(shard.file.fileno())  # the rename below then never exposes a half-written shard
-    shard.file.close()
-    if keep:
-        os.replace(shard.tmp, shard.path)
-    else:
-        shard.tmp.unlink(missing_ok=True)
+    def open(self, name: str) -> _ShardWriter | _PartWriter:
+        if self.format == "shards":
+            return _ShardWriter(self.target(name))
+        return _PartWriter(self.out, name.removesuffix(".tar"), self.dim)
+
+    def count(self, name: str) -> int:
+        """Samples written for a done shard whose stats file is gone."""
+        if self.format == "shards":
+            return _count_samples(self.target(name))
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(self.target(name)).metadata.num_rows
 
 
 def embed_shards(
     shards: str | Sequence[str],
     output_dir: str | Path,
-    clip_export: str | None = None,
-    pretrained: str | None = None,
+    clip: str | None = None,
+    format: str = "shards",
     batch_size: int = 256,
     num_workers: int = 4,
     min_image_size: int | None = None,
@@ -268,7 +324,8 @@ def embed_shards(
     progress: bool = True,
     normalize: bool = True,
 ) -> dict[str, Any]:
-    """Write one embedding shard per input shard into `output_dir`; return the summary of all shards so far.
+    """Embed every input shard with the frozen CLIP `clip` (see `models.clip.load_frozen_clip`) into `output_dir`,
+    in `format` (`FORMATS`, see the module's doc); return the summary of all shards so far.
 
     Shard i goes to rank i % WORLD_SIZE (env vars RANK/WORLD_SIZE; one process by default). Output shards
     that exist are skipped. Samples without a usable image or caption are skipped and counted by reason; an
@@ -282,6 +339,8 @@ def embed_shards(
         raise UserError(f"batch_size={batch_size}: use at least 1")
     if num_workers < 0:
         raise UserError(f"num_workers={num_workers}: use 0 (read in the main process) or more")
+    if format not in FORMATS:
+        raise UserError(f"format='{format}' is unknown: use shards (the decoder's) or clip_retrieval (the prior's)")
     rank, world_size = _rank()
     urls = expand_shards(shards, "shards")
     names = [output_name(url) for url in urls]
@@ -298,23 +357,32 @@ def embed_shards(
             raise UserError(f"output_dir='{output_dir}' holds the input shards: write the embeddings elsewhere")
 
     torch.manual_seed(seed)
-    model, tokenizer, source = load_clip(clip_export, pretrained)
-    embedder = _Embedder(model, tokenizer, _device(device), normalize)
-    image_size = int(model.config.vision_config.image_size)
+    model, source = load_clip(clip)
+    embedder = _Embedder(model, _device(device), normalize)
+    # Decoded square at the size the CLIP sees (shorter side resized, centre crop: its preprocessing then has
+    # nothing left to do but normalise).
+    image_size = int((model.preprocess.crop or (model.image_size,) * 2)[0])
     min_size = int(min_image_size) if min_image_size else max(1, image_size // 2)
-    dim = int(model.config.projection_dim)
-    header = {"clip": source, "embedding_dim": dim, "context_length": embedder.context_length, "normalized": normalize}
+    dim = model.projection_dim
+    header = {
+        "clip": source,
+        "format": format,
+        "embeddings": "unit" if normalize else "raw",
+        "embedding_dim": dim,
+        "context_length": model.context_length,
+    }
+    layout = _Layout(out, format, dim)
 
     mine = [i for i in range(len(urls)) if i % world_size == rank]
     todo: list[int] = []
     for i in mine:
-        path = out / names[i]
+        path = layout.target(names[i])
         if not path.exists():
             todo.append(i)
             continue
         log.debug("skip %s: already embedded", path)
-        stats = _read_json(_stats_path(path)) or {}
-        for key in ("embedding_dim", "context_length", "normalized"):
+        stats = _read_json(layout.stats(names[i])) or {}
+        for key in ("embedding_dim", "context_length", "embeddings"):
             if key in stats and stats[key] != header[key]:
                 raise UserError(
                     f"output_dir='{output_dir}' holds embeddings with {key}={stats[key]} (from {stats.get('clip')}), "
@@ -330,25 +398,15 @@ def embed_shards(
         workers = min(num_workers, len(todo))
         loader = DataLoader(reader, batch_size=None, num_workers=workers, collate_fn=_identity)
         bar = tqdm(total=len(todo), desc="embed", unit="shard", disable=not progress or rank != 0, dynamic_ncols=True)
-        open_shards: dict[int, _OpenShard] = {}
+        open_shards: dict[int, _ShardWriter | _PartWriter] = {}
         samples = 0
         try:
             for chunk in loader:
                 shard = open_shards.get(chunk.index)
                 if shard is None:
-                    shard = open_shards[chunk.index] = _open_shard(out / names[todo[chunk.index]])
+                    shard = open_shards[chunk.index] = layout.open(names[todo[chunk.index]])
                 if chunk.members:
-                    img_emb, txt_emb, txt_ids = embedder(chunk.images, chunk.captions)
-                    for j, members in enumerate(chunk.members):
-                        shard.writer.write(
-                            {
-                                **members,
-                                "img_emb.npy": _npy(img_emb[j]),
-                                "txt_emb.npy": _npy(txt_emb[j]),
-                                "txt_ids.npy": _npy(txt_ids[j]),
-                            }
-                        )
-                    shard.written += len(chunk.members)
+                    shard.add(chunk.members, *embedder(chunk.images, chunk.captions), chunk.captions)
                     samples += len(chunk.members)
                     bar.set_postfix(samples=samples, refresh=False)
                 if chunk.last:
@@ -360,14 +418,16 @@ def embed_shards(
                         log.warning("skipping unreadable shard %s (redone on the next run): %s", url, chunk.error)
                     stats = {**header, "input": url, "written": 0 if chunk.error else shard.written}
                     # The stats go first: a shard that exists always has its stats.
-                    _write_json(_stats_path(shard.path), {**stats, "skipped": dict(counts), "error": chunk.error})
-                    _close_shard(shard, keep=chunk.error is None)
+                    stats_path = layout.stats(names[todo[chunk.index]])
+                    stats_path.parent.mkdir(exist_ok=True)
+                    _write_json(stats_path, {**stats, "skipped": dict(counts), "error": chunk.error})
+                    shard.close(keep=chunk.error is None)
                     written[url] = stats["written"]
                     skipped.update(counts)
                     bar.update(1)
         finally:
             for shard in open_shards.values():
-                _close_shard(shard, keep=False)
+                shard.close(keep=False)
             bar.close()
         log.info(
             "rank %d/%d: embedded %d samples into %d shards (skipped %s)",
@@ -378,7 +438,7 @@ def embed_shards(
             _format_counts(skipped),
         )
 
-    summary = _summarise(urls, names, out, shards, header)
+    summary = _summarise(urls, names, layout, shards, header)
     if summary["complete"]:
         _write_json(out / SUMMARY, summary)
         log.info(
@@ -408,7 +468,7 @@ def _format_counts(counts: dict[str, int]) -> str:
 
 
 def _summarise(
-    urls: list[str], names: list[str], out: Path, spec: str | Sequence[str], header: dict[str, Any]
+    urls: list[str], names: list[str], layout: _Layout, spec: str | Sequence[str], header: dict[str, Any]
 ) -> dict[str, Any]:
     """Sum the per-shard stats on disk: what every rank has written so far, what failed, what is pending."""
     done: list[str] = []
@@ -417,23 +477,30 @@ def _summarise(
     written = 0
     skipped: Counter = Counter()
     for url, name in zip(urls, names):
-        path = out / name
-        stats = _read_json(_stats_path(path))
+        path = layout.target(name)
+        stats = _read_json(layout.stats(name))
         if path.exists():
             done.append(str(path))
-            written += stats["written"] if stats and "written" in stats else _count_samples(path)
+            written += stats["written"] if stats and "written" in stats else layout.count(name)
             skipped.update((stats or {}).get("skipped", {}))
         elif stats is not None and stats.get("error"):
             bad.append(url)
             skipped["bad_shard"] += 1
         else:
             pending.append(url)
+    if layout.format == "shards":
+        contents = {
+            "members": list(EMBEDDING_MEMBERS),
+            "dtype": {"img_emb": "float16", "txt_emb": "float16", "txt_ids": "int32"},
+        }
+    else:
+        files = ["img_emb/img_emb_<part>.npy", "text_emb/text_emb_<part>.npy", "metadata/metadata_<part>.parquet"]
+        contents = {"files": files, "dtype": {"img_emb": "float16", "text_emb": "float16"}}
     return {
         **header,
         "input": spec if isinstance(spec, str) else list(spec),
-        "output_dir": str(out),
-        "members": list(EMBEDDING_MEMBERS),
-        "dtype": {"img_emb": "float16", "txt_emb": "float16", "txt_ids": "int32"},
+        "output_dir": str(layout.out),
+        **contents,
         "written": written,
         "skipped": dict(sorted(skipped.items())),
         "shards": done,
@@ -451,8 +518,8 @@ def embed(cfg: DictConfig) -> dict[str, Any]:
     return embed_shards(
         shards=shards,
         output_dir=cfg.output_dir,
-        clip_export=cfg.get("clip_export"),
-        pretrained=cfg.get("pretrained"),
+        clip=cfg.get("clip"),
+        format=str(cfg.get("format", "shards")),
         batch_size=int(cfg.batch_size),
         num_workers=int(cfg.get("num_workers", 4)),
         min_image_size=cfg.get("min_image_size"),

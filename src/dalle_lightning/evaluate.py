@@ -26,12 +26,11 @@ from typing import Any
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
-from transformers import CLIPModel, PreTrainedTokenizerBase
 
 from dalle_lightning.errors import UserError
 from dalle_lightning.generation import build_pipeline, read_prompts, wandb_run
 from dalle_lightning.metrics.image import clip_scores, frechet_distance
-from dalle_lightning.models.tokenizer import load_tokenizer, tokenize_prompts
+from dalle_lightning.models.clip import FrozenClip, load_frozen_clip
 from dalle_lightning.pipeline import UnCLIPPipeline
 from dalle_lightning.shapes.oracle import CompositionalAccuracy, judge, parse_prompt
 from dalle_lightning.visualize import captioned_grid, to_pil
@@ -69,15 +68,12 @@ def chunks(tensor: torch.Tensor, size: int):
     return tensor.split(max(1, size))
 
 
-def scoring_clip(cfg: DictConfig, pipe: UnCLIPPipeline) -> tuple[CLIPModel, PreTrainedTokenizerBase]:
-    """The CLIP that scores the images: the pipeline's own, or `scorer_clip` (a CLIP export or a folder saved
-    with `save_pretrained`), so that stacks with different CLIPs are measured with the same ruler."""
+def scoring_clip(cfg: DictConfig, pipe: UnCLIPPipeline) -> FrozenClip:
+    """The CLIP that scores the images: the pipeline's own, or `scorer_clip` (any CLIP `load_frozen_clip` takes),
+    so that stacks with different CLIPs are measured with the same ruler."""
     if not cfg.get("scorer_clip"):
-        return pipe.clip, pipe.tokenizer
-    path = Path(cfg.scorer_clip)
-    if not (path / "config.json").is_file():
-        raise UserError(f"scorer_clip='{path}' holds no CLIP (no config.json): give a CLIP export or pretrained folder")
-    return CLIPModel.from_pretrained(str(path)).eval().to(pipe.device), load_tokenizer(path)
+        return pipe.clip
+    return load_frozen_clip(cfg.scorer_clip, "scorer_clip", text=True, image=True).to(pipe.device)
 
 
 def score_images(
@@ -85,8 +81,8 @@ def score_images(
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The report's metrics and per-sample records."""
     report: dict[str, Any] = {"num_samples": len(prompts)}
-    clip, tokenizer = scoring_clip(cfg, pipe)
-    ids, mask = tokenize_prompts(tokenizer, prompts)
+    clip = scoring_clip(cfg, pipe)
+    ids, mask = clip.tokenize(prompts)
     size = cfg.batch_size
     device = pipe.device
 

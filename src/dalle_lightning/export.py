@@ -13,6 +13,7 @@ import os
 import secrets
 import shutil
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +34,16 @@ def check_export_target(path: str | Path, stage: str) -> None:
         )
 
 
-def write_export(path: str | Path, stage: str, save: Callable[[Path], None], config: Any = None) -> Path:
-    """Call `save(tmp_dir)`, add the manifest, then atomically replace `path` with the result (an earlier
-    export, or nothing: see `check_export_target`)."""
+def write_export(
+    path: str | Path,
+    stage: str,
+    save: Callable[[Path], None],
+    config: Any = None,
+    info: Mapping[str, Any] | None = None,
+) -> Path:
+    """Call `save(tmp_dir)`, add the manifest (with `info`, what the stage says of itself, e.g. its embedding
+    convention), then atomically replace `path` with the result (an earlier export, or nothing: see
+    `check_export_target`)."""
     path = Path(path)
     check_export_target(path, stage)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -45,7 +53,7 @@ def write_export(path: str | Path, stage: str, save: Callable[[Path], None], con
     tmp.mkdir()
     try:
         save(tmp)
-        manifest = {"stage": stage, "version": __version__, "config": config}
+        manifest = {"stage": stage, "version": __version__, **(info or {}), "config": config}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         if path.exists():
             path.rename(old)
@@ -90,7 +98,11 @@ def check_exports(exports: Mapping[str, str | Path | None], option_prefix: str =
     """Each export given (stage name → folder, None: not used) is one of its stage: found before anything is
     loaded (and, from sample.py and evaluate.py, before the ~10 s of imports); errors name `<option_prefix><stage>`."""
     for stage, path in exports.items():
-        if path is not None:
+        if path is None:
+            continue
+        if stage == "clip":  # any CLIP, not only our export
+            locate_clip(path, f"{option_prefix}clip")
+        else:
             read_manifest(path, stage, f"{option_prefix}{stage}")
 
 
@@ -130,7 +142,7 @@ def _stage_arguments(
     info: Mapping[str, Any], stage: str, refuse: Callable[[str], UserError]
 ) -> tuple[type, dict[str, Any]]:
     """The class and the keyword arguments that rebuild a stage's module from its manifest, read as data: the
-    values of `config.stage.module` that the class takes (model, clip_export, embeddings, metrics), each checked to
+    values of `config.stage.module` that the class takes (model, clip, embeddings, metrics), each checked to
     be plain JSON with no Hydra keys. A `_target_` there may only name one of the stage's own classes; anything
     else (another callable, nested objects, keys the class does not take) is refused with `refuse(problem)`."""
     import inspect
@@ -152,6 +164,8 @@ def _stage_arguments(
     arguments: dict[str, Any] = {}
     for key, value in module_config.items():
         where = f"config.stage.module.{key}"
+        if key == "clip_export":  # exports written before the CLIP could be any transformers CLIP
+            key = "clip"
         if key == "_target_" or key in _HYDRA_FLAGS:
             continue
         elif key in _TRAINING_ONLY:
@@ -169,14 +183,15 @@ def _stage_arguments(
     return cls, arguments
 
 
-def load_stage_export(path: str | Path, stage: str, clip_export: str | Path | None = None, option: str | None = None):
+def load_stage_export(path: str | Path, stage: str, clip: Any = None, option: str | None = None):
     """A trained stage module (prior, decoder, upsampler) rebuilt from its export, in eval mode.
 
     The module is our own class for `stage`, built with the values its manifest's training config recorded
-    (`stage.module`: the model preset, the CLIP export, ...) read as plain data (`_stage_arguments`), so sampling
+    (`stage.module`: the model preset, the frozen CLIP, ...) read as plain data (`_stage_arguments`), so sampling
     uses exactly the settings it was trained with; nothing named in the file is imported or called. Then the
-    exported weights are loaded from safetensors (`module.export_weights`: submodule → file). `clip_export`
-    replaces the CLIP export the stage was trained against (e.g. when exports were moved).
+    exported weights are loaded from safetensors (`module.export_weights`: submodule → file). `clip` replaces the
+    frozen CLIP the stage was trained on (e.g. when the folders were moved; see `locate_clip` for what it may be),
+    or is a `FrozenClip` already loaded.
     """
     from safetensors.torch import load_model
 
@@ -187,8 +202,8 @@ def load_stage_export(path: str | Path, stage: str, clip_export: str | Path | No
         return UserError(f"{option}='{path}' cannot be loaded: {problem}; export it again with train.py stage={stage}")
 
     cls, arguments = _stage_arguments(info, stage, refuse)
-    if clip_export is not None:
-        arguments["clip_export"] = str(clip_export)
+    if clip is not None:
+        arguments["clip"] = clip if not isinstance(clip, str | Path) else str(clip)
     if arguments["model"].get("pretrained"):
         # A stage that started from published weights is built from its own export, which holds their layout (and
         # so their architecture): the folder it started from need not be there any more.
@@ -207,21 +222,115 @@ def load_stage_export(path: str | Path, stage: str, clip_export: str | Path | No
     return module.eval().requires_grad_(False)
 
 
-def load_clip_export(path: str | Path, option: str = "stage.clip_export"):
-    """(CLIPModel, tokenizer) from a CLIP export, in eval mode."""
-    from transformers import CLIPModel
+# --- Where a frozen CLIP lives ---------------------------------------------------------------------------------
 
+# A transformers tokenizer folder holds one of these.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+_CLIP_TYPES = {"clip": "CLIPModel", "clip_text_model": "CLIPTextModel", "clip_vision_model": "CLIPVisionModel"}
+
+
+@dataclass(frozen=True)
+class ClipLocation:
+    """Where the parts of a CLIP are on disk (what `locate_clip` found). `weights` is the folder of a whole
+    `CLIPModel` checkpoint (our CLIP export, or `CLIPModel.save_pretrained`); otherwise the towers are separate
+    `CLIPTextModelWithProjection` / `CLIPVisionModelWithProjection` folders (`text_dir`, `image_dir`: the layout
+    Karlo and Kandinsky 2.2 ship). `image_dir` is None for a text-only CLIP, `processor_dir` when no image
+    processor config was saved (the defaults of OpenAI's CLIP apply)."""
+
+    source: str  # as given: a folder or a hub name
+    folder: Path
+    weights: Path | None
+    text_dir: Path | None
+    image_dir: Path | None
+    tokenizer_dir: Path
+    processor_dir: Path | None
+    option: str
+
+    @property
+    def has_image_tower(self) -> bool:
+        return self.weights is not None or self.image_dir is not None
+
+
+def _config_type(folder: Path) -> str | None:
+    try:
+        value = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return value.get("model_type") if isinstance(value, dict) else None
+
+
+def _hub_snapshot(name: str, option: str) -> Path:
+    """The local cache's copy of hub model `name`; nothing is downloaded."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(name, local_files_only=True))
+    except (LocalEntryNotFoundError, ValueError) as err:
+        raise UserError(
+            f"{option}='{name}' is not a folder, nor a model in the local Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}), and nothing is downloaded here: download it where there is network "
+            f"(huggingface-cli download {name}), or point {option} at a folder saved with save_pretrained"
+        ) from err
+
+
+def locate_clip(source: str | Path, option: str = "stage.clip") -> ClipLocation:
+    """Find the CLIP `source` names, reading only small JSON files (so the scripts check it before importing torch):
+    one of our CLIP exports, a folder saved with `CLIPModel.save_pretrained` (tokenizer beside the weights or in
+    `tokenizer/`), a folder with `text_encoder/` (+ optional `image_encoder/`) and `tokenizer/` subfolders, or a hub
+    name already in the local Hugging Face cache. Anything else is a one-line error naming `option`."""
+    text = str(source)
+    folder = Path(text).expanduser()
+    if not folder.exists():
+        looks_like_path = text.startswith(("/", ".", "~")) or text.count("/") > 1 or (os.sep != "/" and os.sep in text)
+        if looks_like_path or not text:
+            raise UserError(
+                f"{option}='{text}' does not exist: train the CLIP stage first (train.py stage=clip), or point "
+                f"{option} at a transformers CLIP folder or a hub name in the local Hugging Face cache"
+            )
+        folder = _hub_snapshot(text, option)
+    if not folder.is_dir():
+        raise UserError(f"{option}='{text}' is a file, not a CLIP folder")
+    if (folder / MANIFEST).is_file():
+        read_manifest(folder, "clip", option)  # a CLIP export, or a one-line error naming the stage it is
+    candidates = (folder, folder / "image_processor", folder / "feature_extractor")
+    processor = next((d for d in candidates if (d / "preprocessor_config.json").is_file()), None)
+    kind = _config_type(folder)
+    if kind == "clip":
+        tokenizer = folder if any((folder / f).is_file() for f in _TOKENIZER_FILES) else folder / "tokenizer"
+        location = ClipLocation(text, folder, folder, None, None, tokenizer, processor, option)
+    elif (folder / "text_encoder").is_dir():
+        image = folder / "image_encoder"
+        for part in (folder / "text_encoder", image):
+            if part.is_dir() and _config_type(part) not in ("clip_text_model", "clip_vision_model"):
+                raise UserError(
+                    f"{option}='{text}': {part.name}/ does not hold a CLIP tower (its config.json's model_type is "
+                    f"{_config_type(part)!r}): give CLIPTextModelWithProjection / CLIPVisionModelWithProjection folders"
+                )
+        towers = (folder / "text_encoder", image if image.is_dir() else None)
+        location = ClipLocation(text, folder, None, *towers, folder / "tokenizer", processor, option)
+    else:
+        found = f"a {_CLIP_TYPES.get(kind, kind)} config" if kind else "no config.json and no text_encoder/"
+        raise UserError(
+            f"{option}='{text}' is not a CLIP folder ({found}): give a folder saved with CLIPModel.save_pretrained, "
+            "or one with text_encoder/ (+ image_encoder/) and tokenizer/ subfolders"
+        )
+    if not any((location.tokenizer_dir / f).is_file() for f in _TOKENIZER_FILES):
+        raise UserError(
+            f"{option}='{text}' has no tokenizer (none beside the weights, no tokenizer/): save the CLIP's tokenizer "
+            "there with save_pretrained"
+        )
+    return location
+
+
+def tokenizer_of_clip(datamodule: object, clip: str | Path, option: str = "stage.clip"):
+    """The tokenizer of the frozen CLIP, its length limited to the text tower's positions: the stages after CLIP
+    caption with it. (A stage's tokenizer factory is called with the datamodule; this one needs nothing from it.)"""
     from dalle_lightning.models.tokenizer import load_tokenizer
 
-    read_manifest(path, "clip", option)
-    model = CLIPModel.from_pretrained(str(path)).eval()
-    return model, load_tokenizer(path)
-
-
-def tokenizer_from_export(datamodule: object, clip_export: str | Path):
-    """The tokenizer a CLIP export was trained with: the stages after CLIP caption with it. (A stage's tokenizer
-    factory is called with the datamodule; this one needs nothing from it.)"""
-    from dalle_lightning.models.tokenizer import load_tokenizer
-
-    read_manifest(clip_export, "clip", "stage.clip_export")
-    return load_tokenizer(clip_export)
+    location = locate_clip(clip, option)
+    tokenizer = load_tokenizer(location.tokenizer_dir)
+    config = json.loads(((location.weights or location.text_dir) / "config.json").read_text())
+    positions = (config.get("text_config") or {}) if location.weights else config
+    tokenizer.model_max_length = min(tokenizer.model_max_length, int(positions.get("max_position_embeddings", 77)))
+    return tokenizer

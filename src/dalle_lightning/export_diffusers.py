@@ -28,8 +28,7 @@ import torch
 
 from dalle_lightning.errors import UserError
 from dalle_lightning.export import check_exports, load_stage_export
-from dalle_lightning.models.clip import CLIP_MEAN, CLIP_STD
-from dalle_lightning.models.tokenizer import load_tokenizer
+from dalle_lightning.models.clip import FrozenClip, load_frozen_clip
 
 log = logging.getLogger(__name__)
 
@@ -37,20 +36,6 @@ FORMATS = ("diffusers",)
 # The prior schedulers' x0 clipping, in the normalised space, as the published folders set it.
 KARLO_PRIOR_CLIP_RANGE = 5.0
 KANDINSKY_PRIOR_CLIP_RANGE = 10.0
-
-
-def clip_towers(clip_export: str | Path) -> tuple[Any, Any, Any]:
-    """(CLIPTextModelWithProjection, CLIPVisionModelWithProjection, tokenizer) from a CLIP export (a `CLIPModel`
-    folder): the towers the diffusers pipelines take, with the CLIP's own weights."""
-    from transformers import CLIPConfig, CLIPTextModelWithProjection, CLIPVisionModelWithProjection
-
-    width = CLIPConfig.from_pretrained(str(clip_export)).projection_dim
-    # transformers loads each tower from a CLIPModel folder; the projection's width is the CLIP's, not the
-    # tower config's default.
-    options = {"projection_dim": width, "use_safetensors": True}
-    text = CLIPTextModelWithProjection.from_pretrained(str(clip_export), **options)
-    vision = CLIPVisionModelWithProjection.from_pretrained(str(clip_export), **options)
-    return text.eval(), vision.eval(), load_tokenizer(clip_export)
 
 
 def unclip_scheduler(noise: Any, prediction_type: str, variance_type: str, clip_sample_range: float = 1.0):
@@ -82,7 +67,7 @@ def check_prior(prior: Any, option: str) -> str | None:
     return None
 
 
-def write_unclip(out: Path, clip_export: str | Path, prior: Any, decoder: Any, upsampler: Any) -> None:
+def write_unclip(out: Path, clip: FrozenClip, prior: Any, decoder: Any, upsampler: Any) -> None:
     """`UnCLIPPipeline`'s layout from a prior, a Karlo-structured decoder and a Karlo-structured upsampler."""
     from diffusers import UnCLIPPipeline
     from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
@@ -107,14 +92,13 @@ def write_unclip(out: Path, clip_export: str | Path, prior: Any, decoder: Any, u
         )
     if reason := check_prior(prior, "exports.prior"):
         raise UserError(f"{reason}: the UnCLIPPipeline layout cannot hold it")
-    text_encoder, _, tokenizer = clip_towers(clip_export)
     text_proj = UnCLIPTextProjModel(**{k: v for k, v in decoder.text_proj.config.items() if not k.startswith("_")})
     text_proj.load_state_dict(decoder.text_proj.state_dict())
     pipe = UnCLIPPipeline(
         prior=prior.prior,
         decoder=decoder.unet,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
+        text_encoder=clip.text_encoder,
+        tokenizer=clip.tokenizer,
         text_proj=text_proj.eval(),
         super_res_first=upsampler.unet,
         super_res_last=upsampler.unet,
@@ -140,7 +124,7 @@ def text_proj_library() -> str:
     return sys.modules[UnCLIPPipeline.__module__].UnCLIPTextProjModel.__module__
 
 
-def write_kandinsky_prior(out: Path, clip_export: str | Path, prior: Any) -> bool:
+def write_kandinsky_prior(out: Path, clip: FrozenClip, prior: Any) -> bool:
     """`KandinskyV22PriorPipeline`'s layout for a prior diffusers' pipelines can run as it was trained (True); for
     any other, the `PriorTransformer` and its scheduler alone, which `PriorTransformer.from_pretrained` loads."""
     from diffusers import KandinskyV22PriorPipeline
@@ -154,19 +138,23 @@ def write_kandinsky_prior(out: Path, clip_export: str | Path, prior: Any) -> boo
         prior.prior.save_pretrained(str(out / "prior"), safe_serialization=True)
         scheduler.save_pretrained(str(out / "scheduler"))
         return False
-    text_encoder, image_encoder, tokenizer = clip_towers(clip_export)
-    size = image_encoder.config.image_size
+    if clip.image_encoder is None:
+        raise UserError(
+            f"exports.clip='{clip.source}' has no image tower (no image_encoder/): KandinskyV22PriorPipeline's layout "
+            "holds one; give the whole CLIP the prior was trained with"
+        )
+    size, preprocess = clip.image_size, clip.preprocess
     processor = CLIPImageProcessor(
-        size={"shortest_edge": size},
+        size={"shortest_edge": preprocess.shortest_edge or size},
         crop_size={"height": size, "width": size},
-        image_mean=list(CLIP_MEAN),
-        image_std=list(CLIP_STD),
+        image_mean=list(preprocess.mean),
+        image_std=list(preprocess.std),
     )
     pipe = KandinskyV22PriorPipeline(
         prior=prior.prior,
-        image_encoder=image_encoder,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
+        image_encoder=clip.image_encoder,
+        text_encoder=clip.text_encoder,
+        tokenizer=clip.tokenizer,
         scheduler=scheduler,
         image_processor=processor,
     )
@@ -190,8 +178,9 @@ def export_diffusers(
     if upsampler is not None and decoder is None:
         raise UserError("exports.upsampler without exports.decoder: the UnCLIPPipeline layout needs both")
     check_exports({"clip": clip, "prior": prior, "decoder": decoder, "upsampler": upsampler}, "exports.")
+    frozen = load_frozen_clip(clip, "exports.clip", text=True, image=None)  # one copy, shared by the stages
     stages: Mapping[str, Any] = {
-        name: load_stage_export(path, name, clip_export=clip, option=f"exports.{name}")
+        name: load_stage_export(path, name, clip=frozen, option=f"exports.{name}")
         for name, path in (("prior", prior), ("decoder", decoder), ("upsampler", upsampler))
         if path is not None
     }
@@ -201,10 +190,10 @@ def export_diffusers(
     try:
         with torch.no_grad():
             if decoder is not None:
-                write_unclip(tmp, clip, stages["prior"], stages["decoder"], stages.get("upsampler"))
+                write_unclip(tmp, frozen, stages["prior"], stages["decoder"], stages.get("upsampler"))
                 layout = "UnCLIPPipeline"
             else:
-                full = write_kandinsky_prior(tmp, clip, stages["prior"])
+                full = write_kandinsky_prior(tmp, frozen, stages["prior"])
                 layout = "KandinskyV22PriorPipeline" if full else "PriorTransformer"
         if out.exists():
             out.rmdir()

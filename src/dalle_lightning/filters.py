@@ -15,8 +15,7 @@ from pathlib import Path
 import torch
 
 from dalle_lightning.errors import UserError
-from dalle_lightning.models.clip import encode_images, encode_texts
-from dalle_lightning.models.tokenizer import tokenize_prompts
+from dalle_lightning.models.clip import FrozenClip
 
 
 class PromptBlocklist:
@@ -41,14 +40,14 @@ class ConceptFilter:
     embedding of any listed concept (as DALL-E 2's and Stable Diffusion's safety checkers do with their
     CLIPs). Uses the pipeline's own CLIP, so the threshold must be tuned for that CLIP."""
 
-    def __init__(self, clip, tokenizer, concepts: Sequence[str], threshold: float):
+    def __init__(self, clip: FrozenClip, concepts: Sequence[str], threshold: float):
         if not concepts:
             raise UserError("the image filter needs at least one concept (filters.image_concepts=[...])")
         self.clip, self.threshold = clip, float(threshold)
-        with torch.no_grad():
-            self.concepts = encode_texts(clip, *tokenize_prompts(tokenizer, concepts))
+        ids, mask = clip.tokenize(concepts)
+        self.concepts = clip.encode_texts(ids.to(clip.device), mask.to(clip.device))
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        embeddings = encode_images(self.clip, images.to(self.clip.device))
+        embeddings = self.clip.encode_images(images.to(self.clip.device))
         return (embeddings @ self.concepts.to(embeddings.device).T).amax(1).cpu() >= self.threshold

@@ -31,8 +31,9 @@ def build_pipeline(cfg: DictConfig) -> UnCLIPPipeline:
     exports = cfg.exports
     if cfg.get("karlo"):  # sample.py karlo=<folder>: a diffusers UnCLIPPipeline folder's networks
         presets = {stage: OmegaConf.to_container(preset) for stage, preset in cfg.karlo_presets.items()}
+        # Its own text_encoder/ + tokenizer/ are the CLIP its networks were trained with.
         pipe = UnCLIPPipeline.from_pretrained(
-            cfg.karlo, exports.clip, presets, exports.get("upsampler") is not None, cfg.get("device"), **options
+            cfg.karlo, presets, upsampler=exports.get("upsampler") is not None, device=cfg.get("device"), **options
         )
     else:
         pipe = UnCLIPPipeline.from_exports(
@@ -48,9 +49,7 @@ def build_pipeline(cfg: DictConfig) -> UnCLIPPipeline:
     if filters.get("prompt_blocklist"):
         pipe.prompt_filter = PromptBlocklist(filters.prompt_blocklist)
     if filters.get("image_concepts"):
-        pipe.image_filter = ConceptFilter(
-            pipe.clip, pipe.tokenizer, list(filters.image_concepts), filters.get("image_threshold", 0.3)
-        )
+        pipe.image_filter = ConceptFilter(pipe.clip, list(filters.image_concepts), filters.get("image_threshold", 0.3))
     return pipe
 
 

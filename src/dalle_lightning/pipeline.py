@@ -5,10 +5,12 @@
     out = pipe(["a red circle", "two blue squares"], num_images_per_prompt=4, seed=0)
     out.grid().save("grid.png")
 
-Each stage is the trained module rebuilt from its export (`export.load_stage_export`), so the pipeline samples
-with exactly the code and defaults it was trained with (or, `from_pretrained`, the networks of a diffusers
-`UnCLIPPipeline` folder such as Karlo's, run as our Karlo-structured stages); `prior_options`, `decoder_options` and
-`upsampler_options` override those defaults (the keyword arguments of `PriorModule.sample`,
+`clip` is the frozen CLIP the stages were trained on: our CLIP export or any transformers CLIP
+(`models.clip.load_frozen_clip`; a text-only CLIP, as Karlo ships, serves prompts, not image inputs), one copy
+shared by the stages. Each stage is the trained module rebuilt from its export (`export.load_stage_export`), so
+the pipeline samples with exactly the code and defaults it was trained with (or, `from_pretrained`, the networks
+of a diffusers `UnCLIPPipeline` folder such as Karlo's, run as our Karlo-structured stages); `prior_options`,
+`decoder_options` and `upsampler_options` override those defaults (the keyword arguments of `PriorModule.sample`,
 `DecoderModule.generate` and `UpsamplerModule.generate`). Because everything passes through the CLIP image
 embedding, unCLIP also gives variations of an image, interpolation between images or prompts, text diffs, and
 editing: inpainting and outpainting, with a decoder trained to edit (`model.decoder.inpainting=true`) or by
@@ -30,9 +32,8 @@ from tqdm.auto import tqdm
 
 from dalle_lightning.diffusion.masks import next_window
 from dalle_lightning.errors import UserError
-from dalle_lightning.export import check_exports, load_clip_export, load_stage_export
-from dalle_lightning.models.clip import encode_images, encode_texts
-from dalle_lightning.models.tokenizer import tokenize_prompts
+from dalle_lightning.export import check_exports, load_stage_export
+from dalle_lightning.models.clip import FrozenClip, load_frozen_clip
 from dalle_lightning.visualize import captioned_grid, to_pil
 
 UNCLIP_LAYOUT = (
@@ -134,8 +135,7 @@ class UnCLIPPipeline:
 
     def __init__(
         self,
-        clip,
-        tokenizer,
+        clip: FrozenClip,
         prior,
         decoder,
         upsampler=None,
@@ -145,12 +145,12 @@ class UnCLIPPipeline:
         decoder_options: Mapping[str, Any] | None = None,
         upsampler_options: Mapping[str, Any] | None = None,
     ):
-        self.clip, self.tokenizer, self.prior, self.decoder, self.upsampler = clip, tokenizer, prior, decoder, upsampler
+        self.clip, self.prior, self.decoder, self.upsampler = clip, prior, decoder, upsampler
         self.prompt_filter, self.image_filter = prompt_filter, image_filter
         self.prior_options = {k: v for k, v in (prior_options or {}).items() if v is not None}
         self.decoder_options = {k: v for k, v in (decoder_options or {}).items() if v is not None}
         self.upsampler_options = {k: v for k, v in (upsampler_options or {}).items() if v is not None}
-        width = clip.config.projection_dim
+        width = clip.projection_dim
         if prior.normalize_embeddings != decoder.normalize_embeddings:
             raise UserError(
                 "the exports do not fit together: the prior makes "
@@ -161,7 +161,7 @@ class UnCLIPPipeline:
         if prior.embedding_dim != width or decoder.embedding_dim != width:
             raise UserError(
                 f"the exports do not fit together: CLIP embeddings are {width}-wide, the prior makes "
-                f"{prior.embedding_dim}, the decoder takes {decoder.embedding_dim}: train them on the same CLIP export"
+                f"{prior.embedding_dim}, the decoder takes {decoder.embedding_dim}: train them on the same CLIP"
             )
         if upsampler is not None and upsampler.low_res_size != decoder.image_size:
             raise UserError(
@@ -183,21 +183,21 @@ class UnCLIPPipeline:
         """Load the stages from their export folders (`export/<stage>` after `train.py stage=<stage>`); errors
         name the argument as `<option_prefix><stage>` (e.g. the config key `exports.prior`)."""
         check_exports({"clip": clip, "prior": prior, "decoder": decoder, "upsampler": upsampler}, option_prefix)
-        clip_model, tokenizer = load_clip_export(clip, f"{option_prefix}clip")
+        frozen = load_frozen_clip(clip, f"{option_prefix}clip", text=True, image=None)
         stages = {
-            name: load_stage_export(path, name, clip_export=clip, option=f"{option_prefix}{name}")
+            name: load_stage_export(path, name, clip=frozen, option=f"{option_prefix}{name}")
             for name, path in (("prior", prior), ("decoder", decoder), ("upsampler", upsampler))
             if path is not None
         }
-        pipe = cls(clip_model, tokenizer, stages["prior"], stages["decoder"], stages.get("upsampler"), **options)
+        pipe = cls(frozen, stages["prior"], stages["decoder"], stages.get("upsampler"), **options)
         return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     @classmethod
     def from_pretrained(
         cls,
         folder: str | Path,
-        clip: str | Path,
         presets: Mapping[str, Mapping[str, Any]],
+        clip: str | Path | None = None,
         upsampler: bool = True,
         device: str | torch.device | None = None,
         option: str = "karlo",
@@ -206,22 +206,24 @@ class UnCLIPPipeline:
         """A diffusers `UnCLIPPipeline` folder (Karlo's layout: `prior/`, `decoder/` + `text_proj/`,
         `super_res_first/`; kakaobrain/karlo-v1-alpha, or what export.py writes) run as our stages: each built
         from its preset (`presets["prior" | "decoder" | "upsampler"]`, what `conf/model/<stage>/karlo.yaml` holds:
-        sampling defaults, conventions) with `pretrained=folder`, on the frozen CLIP of the CLIP export `clip`
-        (the CLIP the folder's networks were trained with). Image sizes come from the folder."""
+        sampling defaults, conventions) with `pretrained=folder`, on the frozen CLIP the folder's networks were
+        trained with: `clip` (see `load_frozen_clip`), by default the folder's own `text_encoder/` + `tokenizer/`.
+        Image sizes come from the folder."""
         from dalle_lightning.models.pretrained import component_folder, read_config
         from dalle_lightning.stages.decoder import KarloDecoderModule
         from dalle_lightning.stages.prior import PriorModule
         from dalle_lightning.stages.upsampler import KarloUpsamplerModule
 
+        clip = folder if clip is None else clip
         check_exports({"clip": clip}, "exports.")
-        clip_model, tokenizer = load_clip_export(clip, "exports.clip")
+        frozen = load_frozen_clip(clip, "exports.clip", text=True, image=None)
 
         def sample_size(component: str, class_name: str) -> int:
             path = component_folder(folder, component, class_name, option, UNCLIP_LAYOUT)
             return int(read_config(path, option)["sample_size"])
 
         size = sample_size("decoder", "UNet2DConditionModel")
-        common = {"clip_export": str(clip), "optim": {}}
+        common = {"clip": frozen, "optim": {}}
         prior = PriorModule({**presets["prior"], "pretrained": str(folder), "embedding_dim": None}, **common)
         decoder = KarloDecoderModule({**presets["decoder"], "pretrained": str(folder), "image_size": size}, **common)
         high = None
@@ -230,7 +232,7 @@ class UnCLIPPipeline:
             model["image_size"] = sample_size("super_res_first", "UNet2DModel")
             high = KarloUpsamplerModule(model, **common)
         stages = [module.eval().requires_grad_(False) for module in (prior, decoder, high) if module is not None]
-        pipe = cls(clip_model, tokenizer, *stages, **options)
+        pipe = cls(frozen, *stages, **options)
         return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     def to(self, device: str | torch.device) -> UnCLIPPipeline:
@@ -258,26 +260,26 @@ class UnCLIPPipeline:
     # --- embeddings ----------------------------------------------------------------------------------------
 
     def tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, mask = tokenize_prompts(self.tokenizer, prompts)
+        ids, mask = self.clip.tokenize(prompts)
         return ids.to(self.device), mask.to(self.device)
 
     @torch.no_grad()
     def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
         """L2-normalised CLIP text embeddings."""
-        return encode_texts(self.clip, *self.tokenize(prompts))
+        return self.clip.encode_texts(*self.tokenize(prompts))
 
     @torch.no_grad()
     def image_embeddings(self, images: Sequence[ImageInput] | torch.Tensor) -> torch.Tensor:
         """CLIP image embeddings of images (any size: CLIP resizes them), L2-normalised if the decoder takes them so."""
         pixels = images_to_tensor(images).to(self.device)
-        return encode_images(self.clip, pixels, normalize=self.decoder.normalize_embeddings)
+        return self.clip.encode_images(pixels, normalize=self.decoder.normalize_embeddings)
 
     @torch.no_grad()
     def prior_embeddings(self, prompts: Sequence[str], generator: torch.Generator) -> torch.Tensor:
         """Image embeddings the prior samples for the prompts (best of its candidates)."""
         ids, mask = self.tokenize(prompts)
         batch = {
-            "txt_emb": encode_texts(self.clip, ids, mask, normalize=self.prior.normalize_embeddings),
+            "txt_emb": self.clip.encode_texts(ids, mask, normalize=self.prior.normalize_embeddings),
             "txt_ids": ids,
         }
         return self.prior.sample(batch, generator=generator, **self.prior_options)
@@ -353,7 +355,7 @@ class UnCLIPPipeline:
         allowed = [c for c, b in zip(captions, blocked) if not b]
         generator = self.generator(seed)
         images = torch.full((len(captions), 3, self.image_size, self.image_size), -1.0)
-        embeds = torch.zeros(len(captions), self.clip.config.projection_dim)
+        embeds = torch.zeros(len(captions), self.clip.projection_dim)
         made_images, made_embeds = [], []
         for part in _batches(allowed, batch_size, progress, "text → image"):
             made_embeds.append(self.prior_embeddings(part, generator))

@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from dalle_lightning.errors import UserError, missing_value_message
-from dalle_lightning.export import check_export_target, read_manifest
+from dalle_lightning.export import check_export_target, locate_clip, read_manifest
 
 if TYPE_CHECKING:
     import lightning as L
@@ -134,13 +134,17 @@ def check_config(cfg: DictConfig) -> None:
     if missing:
         raise UserError(missing_value_message(missing[0]))
     compile_options(cfg.get("compile"))
+    if cfg.data.get("path") and not Path(cfg.data.path).expanduser().is_dir():  # data=clip_retrieval's folder
+        raise UserError(
+            f"data.path='{cfg.data.path}' is not a folder: point it at a clip-retrieval output (img_emb/ ...)"
+        )
     if cfg.get("gradient_checkpointing") and OmegaConf.select(cfg, "trainer.strategy.activation_checkpointing_policy"):
         raise UserError(
             "gradient_checkpointing=true and trainer.strategy.activation_checkpointing_policy would both recompute "
             "activations: set trainer.strategy.activation_checkpointing_policy=null or gradient_checkpointing=false"
         )
-    if cfg.stage.get("clip_export"):
-        read_manifest(cfg.stage.clip_export, "clip", "stage.clip_export")
+    if cfg.stage.get("clip"):
+        locate_clip(cfg.stage.clip, "stage.clip")
     if cfg.stage.get("init_from"):
         read_manifest(cfg.stage.init_from, cfg.stage.name, "stage.init_from")
     if export_to := OmegaConf.select(cfg, "callbacks.export.dirpath"):

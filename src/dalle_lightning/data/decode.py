@@ -44,6 +44,7 @@ SKIP_REASONS = (
     "missing_npy",
     "pickled_npy",
     "corrupt_npy",
+    "nonfinite_embedding",  # a row of a clip-retrieval folder with NaN or inf
 )
 
 

@@ -1,8 +1,8 @@
 """Metrics of generated images: CLIP score and Fréchet distance, as torchmetrics `Metric`s that sync across ranks.
 
-Both run on the project's own CLIP (or any CLIP in transformers format). The Fréchet distance uses Inception
-(torchmetrics' FID over torch-fidelity's network) when the user has its weights locally, otherwise the CLIP
-image encoder ("FD in CLIP space"); the name it is logged under says which.
+Both run on a frozen CLIP (`models.clip.FrozenClip`: the project's own, or any transformers CLIP). The Fréchet
+distance uses Inception (torchmetrics' FID over torch-fidelity's network) when the user has its weights locally,
+otherwise the CLIP image encoder ("FD in CLIP space"); the name it is logged under says which.
 """
 
 from __future__ import annotations
@@ -17,10 +17,9 @@ import torch
 from torch import nn
 from torchmetrics import Metric
 from torchmetrics.image.fid import FrechetInceptionDistance
-from transformers import CLIPModel
 
 from dalle_lightning.errors import UserError
-from dalle_lightning.models.clip import encode_images, encode_texts
+from dalle_lightning.models.clip import FrozenClip
 
 log = logging.getLogger(__name__)
 
@@ -35,17 +34,17 @@ def default_inception_weights() -> Path:
 class ClipImageFeatures(nn.Module):
     """Images in [-1, 1] → L2-normalised CLIP image embeddings: a feature extractor for torchmetrics' FID."""
 
-    def __init__(self, clip: CLIPModel):
+    def __init__(self, clip: FrozenClip):
         super().__init__()
-        self.clip = clip
-        self.num_features = clip.config.projection_dim
+        self.clip = clip  # no submodule (see FrozenClip): its owner moves it
+        self.num_features = clip.projection_dim
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return encode_images(self.clip, images.float())
+        return self.clip.encode_images(images.float())
 
 
-def frechet_distance(clip: CLIPModel, inception_weights: str | Path | None = None) -> tuple[str, Metric]:
+def frechet_distance(clip: FrozenClip, inception_weights: str | Path | None = None) -> tuple[str, Metric]:
     """(metric name, metric): `fid_inception` when the Inception weights file exists and torch-fidelity is
     installed, else `fd_clip` on the CLIP's image embeddings. Both take images in [-1, 1] (`update(x, real)`).
     A weights file named here is checked to hold only tensors even without torch-fidelity."""
@@ -96,11 +95,11 @@ class _InceptionFID(FrechetInceptionDistance):
 
 @torch.no_grad()
 def clip_scores(
-    clip: CLIPModel, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    clip: FrozenClip, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
 ) -> torch.Tensor:
     """Each pair's CLIP score, `100 * max(cos(image, text), 0)`, for images in [-1, 1] and caption tokens."""
-    image = encode_images(clip, images.float())
-    text = encode_texts(clip, input_ids, attention_mask)
+    image = clip.encode_images(images.float())
+    text = clip.encode_texts(input_ids, attention_mask)
     return 100 * (image * text).sum(-1).clamp_min(0)
 
 
@@ -110,7 +109,7 @@ class ClipScore(Metric):
     full_state_update = False
     higher_is_better = True
 
-    def __init__(self, clip: CLIPModel, **kwargs):
+    def __init__(self, clip: FrozenClip, **kwargs):
         super().__init__(**kwargs)
         self.clip = clip
         self.add_state("score_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")

@@ -4,11 +4,10 @@ with `tokenizers` on the training captions (no download needed), saved next to c
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
 
-import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from dalle_lightning.errors import UserError
@@ -58,12 +57,6 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
         return AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load a tokenizer from '{path}': {str(err).splitlines()[0]}") from err
-
-
-def tokenize_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask) of prompts, padded and truncated to the tokenizer's context length."""
-    tokens = tokenizer(list(prompts), padding="max_length", truncation=True, return_tensors="pt")
-    return tokens["input_ids"], tokens["attention_mask"]
 
 
 def load_or_train_tokenizer(

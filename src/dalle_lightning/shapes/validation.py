@@ -10,7 +10,7 @@ import torch
 
 from dalle_lightning.data.datamodule import ShardDataModule
 from dalle_lightning.errors import UserError
-from dalle_lightning.models.clip import encode_images, encode_texts
+from dalle_lightning.models.clip import FrozenClip
 from dalle_lightning.shapes.datamodule import ShapesDataModule
 
 
@@ -50,10 +50,10 @@ def read_val_split(data_root: Path, image_size: int, num_samples: int, batch_siz
     return out
 
 
-def embed_val_split(model: Any, tokenizer: Any, data_dir: Path) -> dict[str, Any]:
-    """The Shapes val split (of the build at `data_dir`) through a CLIP (`load_clip_export`'s model and
-    tokenizer): the batches' tensors concatenated, their captions and metadata, and the image and text
-    embeddings (`image_emb`, `text_emb`)."""
+def embed_val_split(clip: FrozenClip, data_dir: Path) -> dict[str, Any]:
+    """The Shapes val split (of the build at `data_dir`) through a frozen CLIP (`load_frozen_clip`): the batches'
+    tensors concatenated, their captions and metadata, and the image and text embeddings (`image_emb`,
+    `text_emb`)."""
 
     manifest = json.loads((data_dir / "manifest.json").read_text())
     dm = ShapesDataModule(
@@ -61,11 +61,11 @@ def embed_val_split(model: Any, tokenizer: Any, data_dir: Path) -> dict[str, Any
         num_train=manifest["num_train"],
         num_val=manifest["num_val"],
         samples_per_shard=manifest["samples_per_shard"],
-        image_size=model.config.vision_config.image_size,
+        image_size=clip.image_size,
         batch_size=250,
         num_workers=0,
         val_samples=manifest["num_val"],
-        tokenizer=tokenizer,
+        tokenizer=clip.tokenizer,
     )
     dm.setup("validate")
     batches = [dm.on_after_batch_transfer(b, 0) for b in dm.val_dataloader()]
@@ -75,7 +75,6 @@ def embed_val_split(model: Any, tokenizer: Any, data_dir: Path) -> dict[str, Any
     }
     val["caption"] = [c for b in batches for c in b["caption"]]
     val["meta"] = [m for b in batches for m in b["meta"]]
-    with torch.no_grad():
-        val["image_emb"] = torch.cat([encode_images(model, x) for x in val["image"].split(250)])
-        val["text_emb"] = encode_texts(model, val["input_ids"], val["attention_mask"])
+    val["image_emb"] = torch.cat([clip.encode_images(x) for x in val["image"].split(250)])
+    val["text_emb"] = clip.encode_texts(val["input_ids"], val["attention_mask"])
     return val

@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 
 from dalle_lightning.data.decode import SKIP_REASONS
 from dalle_lightning.errors import UserError
+from dalle_lightning.models.clip import FrozenClip
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +81,10 @@ class StageModule(L.LightningModule):
     """Base of the stage modules. `optim` and `scheduler` are config dicts (`_target_` + `_partial_`), kept
     as plain data so checkpoints load with `weights_only=True`."""
 
-    # Submodules loaded from elsewhere (a frozen CLIP export) and never trained: kept out of checkpoints.
+    # Submodules loaded from elsewhere and never trained (an Inception network for FID): kept out of checkpoints.
+    # The frozen CLIP is not a submodule at all (`FrozenClip`): out of checkpoints, the optimizer and EMA's copy.
     frozen_prefixes: tuple[str, ...] = ()
+    clip: FrozenClip | None = None
     # The networks a step spends its time in (dotted submodule paths), for `compile_networks`.
     compiled_networks: tuple[str, ...] = ()
     # The transformers / diffusers models whose activations `gradient_checkpointing=true` recomputes.
@@ -93,6 +96,21 @@ class StageModule(L.LightningModule):
         self.scheduler_config = dict(scheduler) if scheduler else None
         self.skipped: Counter = Counter()
         self._rng_to_restore: dict[str, Any] | None = None
+
+    def _apply(self, fn: Any, recurse: bool = True) -> StageModule:
+        # `.to()`, `.cuda()`, `.half()`, ... reach the frozen CLIP too, which is no submodule (see FrozenClip).
+        super()._apply(fn, recurse)
+        if self.clip is not None:
+            self.clip._apply(fn)
+        return self
+
+    def manifest_info(self) -> dict[str, Any]:
+        """What the stage's export manifest records besides its config: the frozen CLIP, and the convention of the
+        embeddings the stage takes or makes (`embedding_convention`, see `models.clip.EMBEDDING_CONVENTIONS`)."""
+        info: dict[str, Any] = {"clip": self.clip.source} if self.clip is not None else {}
+        if getattr(self, "embedding_convention", None):
+            info["embeddings"] = {"convention": self.embedding_convention, "dim": self.clip.projection_dim}
+        return info
 
     def compile_networks(self, **options: Any) -> None:
         """`torch.compile` the stage's networks in place (`nn.Module.compile`), so that state-dict keys, and with

@@ -31,13 +31,7 @@ from dalle_lightning.diffusion.sampling import guided_sample, sampling_scheduler
 from dalle_lightning.errors import UserError
 from dalle_lightning.export import read_manifest
 from dalle_lightning.metrics.image import ClipScore
-from dalle_lightning.models.clip import (
-    empty_caption_ids,
-    encode_images,
-    text_features,
-    text_token_encodings,
-    unit_norm,
-)
+from dalle_lightning.models.clip import FrozenClip, empty_caption_ids, text_features, unit_norm
 from dalle_lightning.models.decoder import (
     build_decoder_context,
     build_decoder_unet,
@@ -55,10 +49,13 @@ EMBEDDING_SOURCES = ("clip", "shards")
 
 class DecoderModule(ImageDiffusionModule):
     """Batches hold `image` (the target, at `model.image_size`), and `img_emb` when embeddings come from
-    shards; with `model.text_tokens`, also `input_ids` (the CLIP export's tokenizer)."""
+    shards; with `model.text_tokens`, also `input_ids` (the frozen CLIP's tokenizer)."""
 
     stage_name = "decoder"
-    normalize_embeddings = True  # L2-normalised CLIP image embeddings (Karlo's take them as CLIP projects them)
+    needs_text_tower = True  # CLIP score, and the caption's token encodings with model.text_tokens
+    # L2-normalised CLIP image embeddings (the "unit" convention of models.clip); Karlo's take them as CLIP
+    # projects them ("raw")
+    normalize_embeddings = True
     # What export() writes, for export.load_stage_export.
     export_weights: ClassVar[dict[str, str]] = {
         "unet": "unet/diffusion_pytorch_model.safetensors",
@@ -68,7 +65,7 @@ class DecoderModule(ImageDiffusionModule):
     def __init__(
         self,
         model: Mapping[str, Any],
-        clip_export: str,
+        clip: str | FrozenClip,
         optim: Mapping[str, Any],
         scheduler: Mapping[str, Any] | None = None,
         metrics: Mapping[str, Any] | None = None,
@@ -76,13 +73,13 @@ class DecoderModule(ImageDiffusionModule):
         tokenizer: Any = None,
         init_from: str | None = None,
     ):
-        super().__init__(model, clip_export, optim, scheduler, metrics)
-        self.save_hyperparameters(ignore=["tokenizer"])
+        super().__init__(model, clip, optim, scheduler, metrics)
+        self.save_hyperparameters(ignore=["tokenizer", "clip"])  # the CLIP is in the run's config and the export's
         if embeddings not in EMBEDDING_SOURCES:
             raise UserError(f"stage.embeddings='{embeddings}' is unknown: use clip (on the fly) or shards (img_emb)")
         self.embeddings = embeddings
         self.image_size = int(model["image_size"])
-        self.embedding_dim = self.clip.config.projection_dim
+        self.embedding_dim = self.clip.projection_dim
         self.text_tokens = bool(model["text_tokens"])
         self.build_networks(model)
         self.image_drop_prob = float(model["image_drop_prob"])
@@ -91,9 +88,13 @@ class DecoderModule(ImageDiffusionModule):
         self.edit_masks = check_mask_weights(model["edit_masks"]) if self.inpainting else None
         self.init_from = init_from
 
+    @property
+    def embedding_convention(self) -> str:
+        return "unit" if self.normalize_embeddings else "raw"
+
     def build_networks(self, model: Mapping[str, Any]) -> None:
         """The UNet and what conditions it: the cross-attention context and the image embedding's scale."""
-        self.context = build_decoder_context(model, self.embedding_dim, self.clip.config.text_config.hidden_size)
+        self.context = build_decoder_context(model, self.embedding_dim, self.clip.text_width)
         self.unet = build_decoder_unet(model, self.embedding_dim)
         # An L2-normalised embedding has entries of RMS 1/sqrt(D): added unscaled to the timestep embedding,
         # it starts an order of magnitude weaker than the timestep and Adam takes most of a short run to grow it.
@@ -149,8 +150,8 @@ class DecoderModule(ImageDiffusionModule):
             embedding = batch["img_emb"].float()
             if embedding.shape[-1] != self.embedding_dim:
                 raise UserError(
-                    f"the shards hold {embedding.shape[-1]}-wide image embeddings but stage.clip_export is "
-                    f"{self.embedding_dim}-wide: embed the shards with that CLIP (embed.py) or name the right export"
+                    f"the shards hold {embedding.shape[-1]}-wide image embeddings but stage.clip is "
+                    f"{self.embedding_dim}-wide: embed the shards with that CLIP (embed.py) or name the right CLIP"
                 )
             if self.normalize_embeddings:
                 return torch.nn.functional.normalize(embedding, dim=-1)
@@ -160,8 +161,7 @@ class DecoderModule(ImageDiffusionModule):
                     "embed the shards with embed.py normalize=false"
                 )
             return embedding
-        with torch.no_grad():
-            return encode_images(self.clip, batch["image"], normalize=self.normalize_embeddings)
+        return self.clip.encode_images(batch["image"], normalize=self.normalize_embeddings)
 
     def condition(
         self,
@@ -178,7 +178,7 @@ class DecoderModule(ImageDiffusionModule):
             image_embeds = image_embeds.masked_fill(drop_image[:, None], 0.0)
         text, text_mask = None, None
         if self.text_tokens and input_ids is not None:
-            text, text_mask = text_token_encodings(self.clip.text_model, input_ids.long())
+            text, text_mask = self.clip.text_token_encodings(input_ids.long())
             if drop_text is not None:
                 text_mask = text_mask & ~drop_text[:, None]
         context, mask = self.context(image_embeds, text, text_mask)
@@ -294,7 +294,8 @@ class DecoderModule(ImageDiffusionModule):
         self.noise.save_pretrained(str(path / "scheduler"))
         save_model(self.context, str(path / "context.safetensors"))
         config = {
-            "clip_export": str(self.hparams.clip_export),
+            "clip": self.clip.source,
+            "embeddings": self.embedding_convention,
             "image_size": self.image_size,
             "embedding_dim": self.embedding_dim,
             "text_tokens": self.text_tokens,
@@ -328,14 +329,14 @@ class KarloDecoderModule(DecoderModule):
                 f"model.decoder.prediction_type={model['prediction_type']}: Karlo's decoder predicts the noise and "
                 "learns its variance with the hybrid loss; set it to epsilon"
             )
-        text_width = self.clip.config.text_config.hidden_size
+        text_width = self.clip.text_width
         if model["pretrained"]:
             option = f"model.decoder.pretrained='{model['pretrained']}'"
             self.unet, self.text_proj = load_karlo_decoder(model["pretrained"], "model.decoder.pretrained")
             if self.text_proj.config.clip_embeddings_dim != self.embedding_dim or text_width != self.embedding_dim:
                 raise UserError(
                     f"{option} takes {self.text_proj.config.clip_embeddings_dim}-wide CLIP embeddings and caption "
-                    f"encodings but stage.clip_export makes {self.embedding_dim}-wide embeddings and {text_width}-wide "
+                    f"encodings but stage.clip makes {self.embedding_dim}-wide embeddings and {text_width}-wide "
                     "encodings: train with the CLIP it was trained on (Karlo: OpenAI ViT-L/14)"
                 )
             if self.unet.config.sample_size != self.image_size:
@@ -346,7 +347,7 @@ class KarloDecoderModule(DecoderModule):
             return
         if text_width != self.embedding_dim:
             raise UserError(
-                f"stage.clip_export: text width {text_width} differs from the embedding width {self.embedding_dim}; "
+                f"stage.clip: text width {text_width} differs from the embedding width {self.embedding_dim}; "
                 "Karlo's decoder projects both with the same layers: use a CLIP whose text width is its embedding width"
             )
         self.unet, self.text_proj = build_karlo_decoder(model, self.embedding_dim)
@@ -361,13 +362,13 @@ class KarloDecoderModule(DecoderModule):
         """The UNet's conditioning, as `UnCLIPPipeline` hands it over: the context with its mask (`attention_mask`,
         the extra tokens always attended) and the addition to the timestep embedding (`class_labels`). No
         `input_ids` (variations) is the empty caption."""
-        text_config = self.clip.config.text_config
-        length = text_config.max_position_embeddings if input_ids is None else input_ids.shape[1]
+        text_config = self.clip.text_config
+        length = self.clip.context_length if input_ids is None else input_ids.shape[1]
         empty = empty_caption_ids(text_config, length, image_embeds.shape[0]).to(image_embeds.device)
         ids = empty if input_ids is None else input_ids.long()
         if drop_text is not None:
             ids = torch.where(drop_text[:, None], empty, ids)
-        text_embeds, hidden_states, mask = text_features(self.clip, ids)
+        text_embeds, hidden_states, mask = text_features(self.clip.text_encoder, ids)
         context, time = self.text_proj(image_embeds, text_embeds, hidden_states, drop_image)
         mask = F.pad(mask, (self.text_proj.config.clip_extra_context_tokens, 0), value=True)
         return {"encoder_hidden_states": context, "class_labels": time, "attention_mask": mask}
@@ -384,7 +385,8 @@ class KarloDecoderModule(DecoderModule):
         self.text_proj.save_pretrained(str(path / "text_proj"), safe_serialization=True)
         self.noise.save_pretrained(str(path / "scheduler"))
         config = {
-            "clip_export": str(self.hparams.clip_export),
+            "clip": self.clip.source,
+            "embeddings": self.embedding_convention,
             "structure": "karlo",
             "image_size": self.image_size,
             "embedding_dim": self.embedding_dim,

@@ -5,8 +5,9 @@ the configured objective (ε, x₀ or v) with min-SNR weighting. Validation logs
 (comparable across epochs), and every `metrics.every_n_epochs` samples `metrics.num_samples` images from the
 validation batches — with the EMA weights when the EMA callback is on, since it swaps them in for validation —
 and scores them against the real images: a Fréchet distance (`val/fid_inception` or `val/fd_clip`) and
-whatever the stage adds. A frozen CLIP from the CLIP export provides the metrics' features (and the decoder's
-embeddings); it is loaded from the export and kept out of checkpoints.
+whatever the stage adds. A frozen CLIP (`stage.clip`: our CLIP export or any transformers CLIP) provides the
+metrics' features (and the decoder's embeddings); it is no submodule (`FrozenClip`), so neither checkpoints, the
+optimizer nor EMA's copy of the module hold it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import CLIPModel
 
 from dalle_lightning.diffusion.objectives import (
     check_timestep_sampling,
@@ -26,8 +26,8 @@ from dalle_lightning.diffusion.objectives import (
     training_scheduler,
 )
 from dalle_lightning.errors import UserError
-from dalle_lightning.export import read_manifest
 from dalle_lightning.metrics.image import frechet_distance
+from dalle_lightning.models.clip import FrozenClip, frozen_clip
 from dalle_lightning.stages.base import StageModule, evaluation_epoch
 
 Condition = dict[str, torch.Tensor]
@@ -42,16 +42,17 @@ class ImageDiffusionModule(StageModule):
     """Subclasses say how a batch becomes (target image, condition), how the UNet is called, how to sample
     for a batch, what else to measure on samples, and what a preview row shows."""
 
-    frozen_prefixes = ("clip.", "image_metrics.")
+    frozen_prefixes = ("image_metrics.",)
     compiled_networks = ("unet",)
     checkpointed_networks = ("unet",)
     stage_name = ""  # the config group its model preset is in: model.<stage_name>
     variance_type = "fixed_small"  # "learned_range": the UNet's extra output channels are its variance
+    needs_text_tower = False  # of the frozen CLIP (the image tower is always needed: FD in CLIP space)
 
     def __init__(
         self,
         model: Mapping[str, Any],
-        clip_export: str,
+        clip: str | FrozenClip,
         optim: Mapping[str, Any],
         scheduler: Mapping[str, Any] | None = None,
         metrics: Mapping[str, Any] | None = None,
@@ -59,8 +60,9 @@ class ImageDiffusionModule(StageModule):
         super().__init__(optim, scheduler)
         self.config = dict(model)
         self.metrics_config = dict(metrics or {})
-        read_manifest(clip_export, "clip", "stage.clip_export")
-        self.clip = CLIPModel.from_pretrained(clip_export).eval().requires_grad_(False)
+        # The image tower when the CLIP has one: training needs it (FD in CLIP space, and embeddings computed on the
+        # fly), sampling from an export does not (a text-only CLIP such as Karlo's serves the pipeline).
+        self.clip = frozen_clip(clip, "stage.clip", text=self.needs_text_tower, image=None)
         self.noise = training_scheduler(
             model["timesteps"], model["beta_schedule"], model["prediction_type"], self.variance_type
         )
@@ -112,6 +114,11 @@ class ImageDiffusionModule(StageModule):
     # --- training ------------------------------------------------------------------------------------------
 
     def on_fit_start(self) -> None:
+        if self.clip.image_encoder is None:
+            raise UserError(
+                f"stage.clip='{self.clip.source}' is a text-only CLIP (no image_encoder/): training the "
+                f"{self.stage_name} needs its image tower (FD in CLIP space); give the whole CLIP it conditions on"
+            )
         if self.device.type == "cuda" and self.config["channels_last"]:
             self.unet.to(memory_format=torch.channels_last)
 

@@ -2,15 +2,19 @@
 
 As in DALL-E 2: a causal transformer over [text encodings, text embedding, timestep, noised image embedding,
 learned query] predicts the clean image embedding (diffusers' `PriorTransformer`), trained on embeddings a
-frozen CLIP computed once (`embed.py`), with classifier-free dropout of the text condition. Image embeddings
-are standardised with statistics measured on the training data and stored in the model (`clip_mean`,
-`clip_std`). Sampling takes a few solver steps, guidance, and DALL-E 2's reranking: draw several candidates,
-keep the one closest to the text embedding.
+frozen CLIP computed once (`embed.py`, or clip-retrieval's output such as LAION's published embeddings), with
+classifier-free dropout of the text condition. Image embeddings are standardised per dimension with statistics
+measured on the training data and stored in the model (`clip_mean`, `clip_std`: the buffers of Karlo's and
+Kandinsky's `PriorTransformer`) rather than scaled by sqrt(D) as DALLE2-pytorch does. Sampling takes a few solver
+steps, guidance, and DALL-E 2's reranking: draw several candidates, keep the one closest to the text embedding.
+
+Embedding convention (`models.clip.EMBEDDING_CONVENTIONS`, recorded in the export's manifest): "unit" by default,
+L2-normalised text embeddings in and image embeddings out, as embed.py and clip-retrieval write them;
+`normalize_embeddings: false` gives "raw" ones, as CLIP projects them (Karlo's and Kandinsky's priors).
 
 A published prior (`model.prior.pretrained`: Karlo's, Kandinsky 2.2's) brings its architecture and its statistics,
 and trains on the objective it was trained with: x0 in the normalised space, the caption dropped to the empty
-caption's embedding and encodings (`null_text: empty_caption`), embeddings as CLIP projects them, not
-L2-normalised (`normalize_embeddings: false`).
+caption's embedding and encodings (`null_text: empty_caption`), raw embeddings.
 """
 
 from __future__ import annotations
@@ -24,13 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric
-from transformers import CLIPConfig, CLIPModel
 
 from dalle_lightning.diffusion.objectives import diffusion_loss, training_scheduler
 from dalle_lightning.diffusion.sampling import guided_sample, sampling_scheduler
 from dalle_lightning.errors import UserError
-from dalle_lightning.export import read_manifest
-from dalle_lightning.models.clip import empty_caption_ids, encode_texts, text_token_encodings, unit_norm
+from dalle_lightning.models.clip import FrozenClip, empty_caption_ids, frozen_clip, unit_norm
 from dalle_lightning.models.prior import PRIOR_LAYOUT, build_prior, load_prior
 from dalle_lightning.stages.base import StageModule
 
@@ -41,10 +43,8 @@ NULL_TEXTS = ("zeros", "empty_caption")
 
 class PriorModule(StageModule):
     """Diffusion prior on CLIP image embeddings. Batches hold `img_emb`, `txt_emb` and, when the model
-    conditions on text tokens, `txt_ids` (encoded here by the CLIP's frozen text encoder)."""
+    conditions on text tokens, `txt_ids` (encoded here by the frozen CLIP's text tower)."""
 
-    # The frozen text encoder comes from the CLIP export: no need to store it with every checkpoint.
-    frozen_prefixes = ("text_encoder.",)
     compiled_networks = ("prior",)
     # What export() writes, for export.load_stage_export.
     export_weights: ClassVar[dict[str, str]] = {"prior": "prior/diffusion_pytorch_model.safetensors"}
@@ -52,46 +52,47 @@ class PriorModule(StageModule):
     def __init__(
         self,
         model: Mapping[str, Any],
-        clip_export: str,
+        clip: str | FrozenClip,
         optim: Mapping[str, Any],
         scheduler: Mapping[str, Any] | None = None,
         tokenizer: Any = None,
     ):
         super().__init__(optim, scheduler)
-        self.save_hyperparameters(ignore=["tokenizer"])
+        self.save_hyperparameters(ignore=["tokenizer", "clip"])  # the CLIP is in the run's config and the export's
         self.config = dict(model)
-        read_manifest(clip_export, "clip", "stage.clip_export")
-        clip_config = CLIPConfig.from_pretrained(clip_export)
-        self.embedding_dim = clip_config.projection_dim
-        self.normalize_embeddings = bool(model["normalize_embeddings"])
-        self.null_text = model["null_text"]
+        # Exports written before the presets stated these trained on unit-norm embeddings and zeros as null text.
+        self.normalize_embeddings = bool(model.get("normalize_embeddings", True))
+        self.embedding_convention = "unit" if self.normalize_embeddings else "raw"
+        self.null_text = model.get("null_text", "zeros")
         if self.null_text not in NULL_TEXTS:
             raise UserError(f"model.prior.null_text='{self.null_text}' is unknown: use one of {', '.join(NULL_TEXTS)}")
-        expected = model["embedding_dim"]
+        pretrained = model.get("pretrained")
+        if pretrained:
+            self.prior = load_prior(pretrained, "model.prior.pretrained")
+        text_tokens = bool(self.prior.config.num_embeddings) if pretrained else bool(model["text_tokens"])
+        # Conditioned on embeddings alone (with zeros as the null text), the prior needs only the CLIP's widths.
+        needs_text_tower = text_tokens or self.null_text == "empty_caption"
+        self.clip = frozen_clip(clip, "stage.clip", text=needs_text_tower, image=False)
+        self.embedding_dim = self.clip.projection_dim
+        expected = model.get("embedding_dim")
         if expected is not None and int(expected) != self.embedding_dim:
             raise UserError(
-                f"model.prior.embedding_dim={expected} (the CLIP this preset is for) but stage.clip_export makes "
+                f"model.prior.embedding_dim={expected} (the CLIP this preset is for) but stage.clip makes "
                 f"{self.embedding_dim}-wide embeddings: train with that CLIP, or set model.prior.embedding_dim=null"
             )
-        context = clip_config.text_config.max_position_embeddings
-        if model["pretrained"]:
-            self.prior = load_prior(model["pretrained"], "model.prior.pretrained")
-            self.text_tokens = self.check_pretrained(clip_config)
+        context = self.clip.context_length
+        if pretrained:
+            self.text_tokens = self.check_pretrained()
         else:
-            self.text_tokens = bool(model["text_tokens"])
-            if self.text_tokens and clip_config.text_config.hidden_size != self.embedding_dim:
+            self.text_tokens = text_tokens
+            if self.text_tokens and self.clip.text_width != self.embedding_dim:
                 raise UserError(
-                    f"stage.clip_export: text width {clip_config.text_config.hidden_size} differs from the embedding "
-                    f"width {self.embedding_dim}; set model.prior.text_tokens=false to condition on the embedding only"
+                    f"stage.clip: text width {self.clip.text_width} differs from the embedding width "
+                    f"{self.embedding_dim}; set model.prior.text_tokens=false to condition on the embedding only"
                 )
             self.prior = build_prior(model, self.embedding_dim, context if self.text_tokens else 0)
-        if self.text_tokens or self.null_text == "empty_caption":
-            clip = CLIPModel.from_pretrained(clip_export).eval().requires_grad_(False)
-            if self.text_tokens:
-                # Frozen, and kept out of checkpoints and exports: it is the CLIP export's, loaded from there.
-                self.text_encoder = clip.text_model
-            if self.null_text == "empty_caption":
-                self.register_null_text(clip, context)
+        if self.null_text == "empty_caption":
+            self.register_null_text(context)
         self.noise = training_scheduler(model["timesteps"], prediction_type=model["prediction_type"])
         self.cond_drop_prob = float(model["cond_drop_prob"])
         self.val_metrics = nn.ModuleDict(
@@ -105,16 +106,15 @@ class PriorModule(StageModule):
         text_embedding = batch["txt_emb"].float()
         if not self.text_tokens:
             return text_embedding, None, None
-        encodings, mask = text_token_encodings(self.text_encoder, batch["txt_ids"].long())
+        encodings, mask = self.clip.text_token_encodings(batch["txt_ids"].long())
         return text_embedding, encodings, mask
 
-    def register_null_text(self, clip: CLIPModel, context: int) -> None:
+    def register_null_text(self, context: int) -> None:
         """The empty caption's text embedding and encodings, computed once with the frozen CLIP as embed.py and
-        `text_condition` compute a caption's; buffers, not state: the CLIP export gives them back."""
-        ids = empty_caption_ids(clip.config.text_config, context)
-        encodings, mask = text_token_encodings(clip.text_model, ids)
-        with torch.no_grad():
-            embedding = encode_texts(clip, ids, mask.long(), normalize=self.normalize_embeddings)
+        `text_condition` compute a caption's; buffers, not state: the frozen CLIP gives them back."""
+        ids = empty_caption_ids(self.clip.text_config, context)
+        encodings, mask = self.clip.text_token_encodings(ids)
+        embedding = self.clip.encode_texts(ids, mask.long(), normalize=self.normalize_embeddings)
         self.register_buffer("null_text_embedding", embedding, persistent=False)
         self.register_buffer("null_text_encodings", encodings, persistent=False)
         self.register_buffer("null_text_mask", mask, persistent=False)
@@ -139,24 +139,23 @@ class PriorModule(StageModule):
             mask = torch.where(drop[:, None], self.null_text_mask, mask)
         return text_embedding, encodings, mask
 
-    def check_pretrained(self, clip_config: CLIPConfig) -> bool:
+    def check_pretrained(self) -> bool:
         """Whether the loaded prior reads the caption's token encodings, once its widths are checked against the
         CLIP's: one line naming what the CLIP would need to be."""
         config = self.prior.config
         option = f"model.prior.pretrained='{self.config['pretrained']}'"
         if config.embedding_dim != self.embedding_dim:
             raise UserError(
-                f"{option} is a prior over {config.embedding_dim}-wide CLIP embeddings but stage.clip_export makes "
+                f"{option} is a prior over {config.embedding_dim}-wide CLIP embeddings but stage.clip makes "
                 f"{self.embedding_dim}-wide ones: train with the CLIP it was trained on (Karlo: ViT-L/14, 768; "
                 f"Kandinsky 2.2: ViT-bigG/14, 1280); expected {PRIOR_LAYOUT}"
             )
         if not config.num_embeddings:
             return False
-        text = clip_config.text_config
-        if config.num_embeddings != text.max_position_embeddings or text.hidden_size != self.embedding_dim:
+        if config.num_embeddings != self.clip.context_length or self.clip.text_width != self.embedding_dim:
             raise UserError(
                 f"{option} reads {config.num_embeddings} caption tokens {config.embedding_dim} wide but the CLIP of "
-                f"stage.clip_export encodes {text.max_position_embeddings} tokens {text.hidden_size} wide: train with "
+                f"stage.clip encodes {self.clip.context_length} tokens {self.clip.text_width} wide: train with "
                 "the CLIP the prior was trained on"
             )
         return True
@@ -165,8 +164,8 @@ class PriorModule(StageModule):
         """The shards' image embeddings have the CLIP's width and this prior's convention (unit norm or not)."""
         if image_embedding.shape[-1] != self.embedding_dim:
             raise UserError(
-                f"the embedding shards hold {image_embedding.shape[-1]}-wide image embeddings but stage.clip_export "
-                f"is {self.embedding_dim}-wide: embed the shards with that CLIP (embed.py) or point to the right export"
+                f"the training data holds {image_embedding.shape[-1]}-wide image embeddings but stage.clip is "
+                f"{self.embedding_dim}-wide: embed the data with that CLIP (embed.py) or name the right CLIP"
             )
         unit = unit_norm(image_embedding)
         if unit != self.normalize_embeddings:
@@ -185,6 +184,10 @@ class PriorModule(StageModule):
     # --- statistics --------------------------------------------------------------------------------------
 
     def on_fit_start(self) -> None:
+        # Data that knows its width before a batch is read (a clip-retrieval folder) names its file if it is wrong.
+        check_width = getattr(self.trainer.datamodule, "check_embedding_dim", None)
+        if check_width is not None:
+            check_width(self.embedding_dim, "stage.clip")
         if self.prior.clip_std.abs().sum() > 0:  # restored from a checkpoint, or loaded with published weights
             return
         loader = self.trainer.datamodule.train_dataloader()
@@ -308,7 +311,8 @@ class PriorModule(StageModule):
         (path / "prior_config.json").write_text(
             json.dumps(
                 {
-                    "clip_export": str(self.hparams.clip_export),
+                    "clip": self.clip.source,
+                    "embeddings": self.embedding_convention,
                     "text_tokens": self.text_tokens,
                     "embedding_dim": self.embedding_dim,
                     "normalize_embeddings": self.normalize_embeddings,

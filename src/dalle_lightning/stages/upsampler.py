@@ -22,6 +22,7 @@ from torchmetrics import MeanMetric
 
 from dalle_lightning.diffusion.sampling import guided_sample, sampling_scheduler
 from dalle_lightning.errors import UserError
+from dalle_lightning.models.clip import FrozenClip
 from dalle_lightning.models.upsampler import build_karlo_upsampler_unet, build_upsampler_unet, load_karlo_upsampler_unet
 from dalle_lightning.stages.diffusion import Condition, ImageDiffusionModule, first
 
@@ -55,14 +56,14 @@ class UpsamplerModule(ImageDiffusionModule):
     def __init__(
         self,
         model: Mapping[str, Any],
-        clip_export: str,
+        clip: str | FrozenClip,
         optim: Mapping[str, Any],
         scheduler: Mapping[str, Any] | None = None,
         metrics: Mapping[str, Any] | None = None,
         tokenizer: Any = None,
     ):
-        super().__init__(model, clip_export, optim, scheduler, metrics)
-        self.save_hyperparameters(ignore=["tokenizer"])
+        super().__init__(model, clip, optim, scheduler, metrics)
+        self.save_hyperparameters(ignore=["tokenizer", "clip"])  # the CLIP is in the run's config and the export's
         self.image_size = int(model["image_size"])
         self.low_res_size = int(model["low_res_size"])
         if self.image_size % self.low_res_size:
