@@ -459,10 +459,8 @@ def decoder_batch(size: int, n: int):
 def prior_batch(n: int):
     def make(dev: torch.device) -> dict[str, torch.Tensor]:
         g = torch.Generator().manual_seed(0)
-        return {
-            "img_emb": torch.randn(n, EMBED_DIM, generator=g).to(dev),
-            "txt_emb": torch.randn(n, EMBED_DIM, generator=g).to(dev),
-        }
+        unit = lambda: torch.nn.functional.normalize(torch.randn(n, EMBED_DIM, generator=g), dim=-1)  # noqa: E731
+        return {"img_emb": unit().to(dev), "txt_emb": unit().to(dev)}  # unit norm, as embed.py writes them
 
     return make
 

@@ -133,16 +133,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise UserError(f"--editing='{args.editing}' is not an editing decoder: train one with inpainting=true")
     pipes = {
         "replacement": pipe,
-        "editing": UnCLIPPipeline(pipe.clip, pipe.tokenizer, pipe.prior, editor),
-        "editing_replacement": UnCLIPPipeline(
-            pipe.clip, pipe.tokenizer, pipe.prior, editor, decoder_options={"replacement": True}
-        ),
+        "editing": UnCLIPPipeline(pipe.clip, pipe.prior, editor),
+        "editing_replacement": UnCLIPPipeline(pipe.clip, pipe.prior, editor, decoder_options={"replacement": True}),
     }
     size = pipe.decoder.image_size
     if editor.image_size != size:
         raise UserError(f"--editing makes {editor.image_size} px images, the decoder {size} px: use one size")
     # Relation scenes are ~40% of the val split: read enough of it for N of them.
-    data = read_val_split(Path(args.data_root), size, min(1000, 3 * args.num_scenes), args.batch_size, pipe.tokenizer)
+    data = read_val_split(
+        Path(args.data_root), size, min(1000, 3 * args.num_scenes), args.batch_size, pipe.clip.tokenizer
+    )
     scenes = hidden_boxes(data["meta"], size, args.grow)[: args.num_scenes]
     if not scenes:
         raise UserError(f"no usable relation scenes in {args.data_root}/val")

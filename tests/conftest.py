@@ -278,9 +278,10 @@ def write_karlo_folder(clip_export: Path, folder: Path, decoder_size: int = 32, 
     from diffusers import PriorTransformer, UnCLIPPipeline, UnCLIPScheduler, UNet2DConditionModel, UNet2DModel
     from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
 
-    from dalle_lightning.export_diffusers import clip_towers
+    from dalle_lightning.models.clip import load_frozen_clip
 
-    text_encoder, _, tokenizer = clip_towers(clip_export)
+    clip = load_frozen_clip(clip_export, text=True, image=False)
+    text_encoder, tokenizer = clip.text_encoder, clip.tokenizer
     width, context = text_encoder.config.projection_dim, text_encoder.config.max_position_embeddings
     torch.manual_seed(0)
     prior = PriorTransformer(

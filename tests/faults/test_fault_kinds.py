@@ -108,8 +108,9 @@ def test_fault_is_skipped_counted_and_the_stream_goes_on(fault: Fault, num_worke
 def test_every_reason_a_fault_produces_is_in_the_logged_list():
     produced = {f.reason for f in FAULTS if f.reason}
     assert produced <= set(SKIP_REASONS)
-    # Each logged reason but one has a fault kind here (a shard's json is optional, so a bad one is no skip).
-    assert set(SKIP_REASONS) == produced
+    # Every logged reason a shard can produce has a fault kind here; a clip-retrieval folder's NaN/inf rows are
+    # tests/test_clip_retrieval.py's.
+    assert set(SKIP_REASONS) - {"nonfinite_embedding"} == produced
 
 
 def test_all_kinds_in_one_shard_set(tmp_path, fake_ghostscript):
