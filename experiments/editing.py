@@ -121,7 +121,8 @@ def seam_sums(images: torch.Tensor, holes: torch.Tensor) -> dict[str, torch.Tens
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
 
-    from dalle_lightning.export import check_exports, load_stage_export
+    from dalle_lightning.export import check_exports
+    from dalle_lightning.loading import load_stage_export
     from dalle_lightning.pipeline import UnCLIPPipeline
     from dalle_lightning.shapes.oracle import judge
 

@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import diffusers
 
-    from dalle_lightning.export import load_stage_export
+    from dalle_lightning.loading import load_stage_export
     from dalle_lightning.metrics.image import clip_scores
     from dalle_lightning.models.clip import load_frozen_clip
 

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from conftest import FAST_CLIP, first_batch, run_train, shapes_overrides
 from dalle_lightning.errors import UserError
-from dalle_lightning.export import load_stage_export
+from dalle_lightning.loading import load_stage_export
 from dalle_lightning.models.tokenizer import load_tokenizer
 from dalle_lightning.train import compile_options
 from test_clip import make_module as make_clip

@@ -14,7 +14,7 @@ from PIL import Image
 from conftest import compose_config, lines_starting, run_script, run_train, shapes_overrides, write_stage_export
 from dalle_lightning.diffusion.masks import MASK_KINDS, check_mask_weights, next_window, random_masks
 from dalle_lightning.errors import UserError
-from dalle_lightning.export import load_stage_export
+from dalle_lightning.loading import load_stage_export
 from dalle_lightning.models.decoder import build_decoder_unet
 from dalle_lightning.pipeline import UnCLIPPipeline, extension_pixels
 from dalle_lightning.sample import sample

@@ -13,7 +13,8 @@ import pytest
 
 from conftest import Detonator, lines_starting, run_script
 from dalle_lightning.errors import UserError
-from dalle_lightning.export import MANIFEST, load_stage_export
+from dalle_lightning.export import MANIFEST
+from dalle_lightning.loading import load_stage_export
 from dalle_lightning.pipeline import UnCLIPPipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -27,7 +27,8 @@ from typing import Any
 import torch
 
 from dalle_lightning.errors import UserError
-from dalle_lightning.export import check_exports, load_stage_export
+from dalle_lightning.export import check_exports
+from dalle_lightning.loading import load_stage_export
 from dalle_lightning.models.clip import FrozenClip, load_frozen_clip
 
 log = logging.getLogger(__name__)

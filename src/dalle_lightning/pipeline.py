@@ -7,7 +7,7 @@
 
 `clip` is the frozen CLIP the stages were trained on: our CLIP export or any transformers CLIP
 (`models.clip.load_frozen_clip`; a text-only CLIP, as Karlo ships, serves prompts, not image inputs), one copy
-shared by the stages. Each stage is the trained module rebuilt from its export (`export.load_stage_export`), so
+shared by the stages. Each stage is the trained module rebuilt from its export (`loading.load_stage_export`), so
 the pipeline samples with exactly the code and defaults it was trained with (or, `from_pretrained`, the networks
 of a diffusers `UnCLIPPipeline` folder such as Karlo's, run as our Karlo-structured stages); `prior_options`,
 `decoder_options` and `upsampler_options` override those defaults (the keyword arguments of `PriorModule.sample`,
@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 
 from dalle_lightning.diffusion.masks import next_window
 from dalle_lightning.errors import UserError
-from dalle_lightning.export import check_exports, load_stage_export
+from dalle_lightning.export import check_exports
+from dalle_lightning.loading import load_stage_export
 from dalle_lightning.models.clip import FrozenClip, load_frozen_clip
 from dalle_lightning.visualize import captioned_grid, to_pil
 

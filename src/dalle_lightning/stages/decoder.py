@@ -56,7 +56,7 @@ class DecoderModule(ImageDiffusionModule):
     # L2-normalised CLIP image embeddings (the "unit" convention of models.clip); Karlo's take them as CLIP
     # projects them ("raw")
     normalize_embeddings = True
-    # What export() writes, for export.load_stage_export.
+    # What export() writes, for loading.load_stage_export.
     export_weights: ClassVar[dict[str, str]] = {
         "unet": "unet/diffusion_pytorch_model.safetensors",
         "context": "context.safetensors",

@@ -46,7 +46,7 @@ class PriorModule(StageModule):
     conditions on text tokens, `txt_ids` (encoded here by the frozen CLIP's text tower)."""
 
     compiled_networks = ("prior",)
-    # What export() writes, for export.load_stage_export.
+    # What export() writes, for loading.load_stage_export.
     export_weights: ClassVar[dict[str, str]] = {"prior": "prior/diffusion_pytorch_model.safetensors"}
 
     def __init__(

@@ -50,7 +50,7 @@ class UpsamplerModule(ImageDiffusionModule):
 
     stage_name = "upsampler"
     unet_folder = "unet"  # where export() writes the UNet
-    # What export() writes, for export.load_stage_export.
+    # What export() writes, for loading.load_stage_export.
     export_weights: ClassVar[dict[str, str]] = {"unet": f"{unet_folder}/diffusion_pytorch_model.safetensors"}
 
     def __init__(
