@@ -183,16 +183,6 @@ def text_mask(input_ids: torch.Tensor, text_config: Any) -> torch.Tensor:
     return (is_eos.cumsum(1) - is_eos.long()) == 0
 
 
-def text_features(clip: Any, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """What a CLIP text tower hands an unCLIP prior or decoder, as `UnCLIPPipeline` takes it from
-    `CLIPTextModelWithProjection`: the projected pooled embedding (`text_embeds`, not normalised), the last hidden
-    states (B, L, W) and their `text_mask`. `clip` is a `CLIPModel` or a `CLIPTextModelWithProjection`."""
-    with torch.no_grad():
-        output = clip.text_model(input_ids=input_ids)
-        embeds = clip.text_projection(output.pooler_output)
-    return embeds, output.last_hidden_state, text_mask(input_ids, clip.text_model.config)
-
-
 def empty_caption_ids(text_config: Any, length: int, batch: int = 1) -> torch.Tensor:
     """Token ids of the empty caption ("": start and end of text), the null text of classifier-free guidance
     in Karlo and Kandinsky. Positions after the end of text are masked (`text_mask`): their ids do not matter."""
@@ -323,6 +313,14 @@ class FrozenClip:
         mask = text_mask(input_ids, self.text_config)
         encodings = self._text().text_model(input_ids=input_ids, attention_mask=mask.long()).last_hidden_state
         return encodings, mask
+
+    @torch.no_grad()
+    def text_features(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What the text tower hands an unCLIP prior or decoder, as `UnCLIPPipeline` takes it from
+        `CLIPTextModelWithProjection`: the projected pooled embedding (`text_embeds`, not normalised), the last
+        hidden states (N, L, text_width) and their `text_mask`."""
+        output = self._text()(input_ids=input_ids)
+        return output.text_embeds, output.last_hidden_state, text_mask(input_ids, self.text_config)
 
     def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] (N, 3, H, W) as the image tower takes them."""

@@ -85,6 +85,8 @@ class StageModule(L.LightningModule):
     # The frozen CLIP is not a submodule at all (`FrozenClip`): out of checkpoints, the optimizer and EMA's copy.
     frozen_prefixes: tuple[str, ...] = ()
     clip: FrozenClip | None = None
+    # Whether the CLIP embeddings the stage takes or makes are L2-normalised; None: it takes none.
+    normalize_embeddings: bool | None = None
     # The networks a step spends its time in (dotted submodule paths), for `compile_networks`.
     compiled_networks: tuple[str, ...] = ()
     # The transformers / diffusers models whose activations `gradient_checkpointing=true` recomputes.
@@ -104,11 +106,18 @@ class StageModule(L.LightningModule):
             self.clip._apply(fn)
         return self
 
+    @property
+    def embedding_convention(self) -> str | None:
+        """The convention of `normalize_embeddings` (`models.clip.EMBEDDING_CONVENTIONS`): unit or raw."""
+        if self.normalize_embeddings is None:
+            return None
+        return "unit" if self.normalize_embeddings else "raw"
+
     def manifest_info(self) -> dict[str, Any]:
         """What the stage's export manifest records besides its config: the frozen CLIP, and the convention of the
         embeddings the stage takes or makes (`embedding_convention`, see `models.clip.EMBEDDING_CONVENTIONS`)."""
         info: dict[str, Any] = {"clip": self.clip.source} if self.clip is not None else {}
-        if getattr(self, "embedding_convention", None):
+        if self.embedding_convention is not None:
             info["embeddings"] = {"convention": self.embedding_convention, "dim": self.clip.projection_dim}
         return info
 

@@ -31,7 +31,7 @@ from dalle_lightning.diffusion.sampling import guided_sample, sampling_scheduler
 from dalle_lightning.errors import UserError
 from dalle_lightning.export import read_manifest
 from dalle_lightning.metrics.image import ClipScore
-from dalle_lightning.models.clip import FrozenClip, empty_caption_ids, text_features, unit_norm
+from dalle_lightning.models.clip import FrozenClip, empty_caption_ids, unit_norm
 from dalle_lightning.models.decoder import (
     build_decoder_context,
     build_decoder_unet,
@@ -87,10 +87,6 @@ class DecoderModule(ImageDiffusionModule):
         self.inpainting = is_editing(model)
         self.edit_masks = check_mask_weights(model["edit_masks"]) if self.inpainting else None
         self.init_from = init_from
-
-    @property
-    def embedding_convention(self) -> str:
-        return "unit" if self.normalize_embeddings else "raw"
 
     def build_networks(self, model: Mapping[str, Any]) -> None:
         """The UNet and what conditions it: the cross-attention context and the image embedding's scale."""
@@ -310,9 +306,9 @@ class KarloDecoderModule(DecoderModule):
     """Karlo's decoder (`model/decoder=karlo`): `DecoderModule`'s training, sampling and metrics on Karlo's networks.
     A GLIDE-style UNet with learned variance, trained on the hybrid loss, conditioned through `UnCLIPTextProjModel`
     on the CLIP image embedding as CLIP projects it and on the caption (pooled embedding and token encodings from
-    the frozen CLIP's text tower, `text_features`). Classifier-free dropout swaps in the learned null image embedding
-    (`image_drop_prob`) and the empty caption (`text_drop_prob`), what guidance contrasts with. `pretrained` loads
-    `decoder/` + `text_proj/` of a Karlo-layout folder; the export has that layout too."""
+    the frozen CLIP's text tower, `FrozenClip.text_features`). Classifier-free dropout swaps in the learned null
+    image embedding (`image_drop_prob`) and the empty caption (`text_drop_prob`), what guidance contrasts with.
+    `pretrained` loads `decoder/` + `text_proj/` of a Karlo-layout folder; the export has that layout too."""
 
     normalize_embeddings = False
     variance_type = "learned_range"
@@ -368,7 +364,7 @@ class KarloDecoderModule(DecoderModule):
         ids = empty if input_ids is None else input_ids.long()
         if drop_text is not None:
             ids = torch.where(drop_text[:, None], empty, ids)
-        text_embeds, hidden_states, mask = text_features(self.clip.text_encoder, ids)
+        text_embeds, hidden_states, mask = self.clip.text_features(ids)
         context, time = self.text_proj(image_embeds, text_embeds, hidden_states, drop_image)
         mask = F.pad(mask, (self.text_proj.config.clip_extra_context_tokens, 0), value=True)
         return {"encoder_hidden_states": context, "class_labels": time, "attention_mask": mask}

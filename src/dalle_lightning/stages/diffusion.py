@@ -47,7 +47,7 @@ class ImageDiffusionModule(StageModule):
     checkpointed_networks = ("unet",)
     stage_name = ""  # the config group its model preset is in: model.<stage_name>
     variance_type = "fixed_small"  # "learned_range": the UNet's extra output channels are its variance
-    needs_text_tower = False  # of the frozen CLIP (the image tower is always needed: FD in CLIP space)
+    needs_text_tower = False  # of the frozen CLIP (its image tower is needed to train: FD in CLIP space)
 
     def __init__(
         self,

@@ -62,16 +62,16 @@ class PriorModule(StageModule):
         self.config = dict(model)
         # Exports written before the presets stated these trained on unit-norm embeddings and zeros as null text.
         self.normalize_embeddings = bool(model.get("normalize_embeddings", True))
-        self.embedding_convention = "unit" if self.normalize_embeddings else "raw"
         self.null_text = model.get("null_text", "zeros")
         if self.null_text not in NULL_TEXTS:
             raise UserError(f"model.prior.null_text='{self.null_text}' is unknown: use one of {', '.join(NULL_TEXTS)}")
         pretrained = model.get("pretrained")
         if pretrained:
             self.prior = load_prior(pretrained, "model.prior.pretrained")
-        text_tokens = bool(self.prior.config.num_embeddings) if pretrained else bool(model["text_tokens"])
+        # A published prior's own config says whether it reads the caption's tokens.
+        self.text_tokens = bool(self.prior.config.num_embeddings) if pretrained else bool(model["text_tokens"])
         # Conditioned on embeddings alone (with zeros as the null text), the prior needs only the CLIP's widths.
-        needs_text_tower = text_tokens or self.null_text == "empty_caption"
+        needs_text_tower = self.text_tokens or self.null_text == "empty_caption"
         self.clip = frozen_clip(clip, "stage.clip", text=needs_text_tower, image=False)
         self.embedding_dim = self.clip.projection_dim
         expected = model.get("embedding_dim")
@@ -82,9 +82,8 @@ class PriorModule(StageModule):
             )
         context = self.clip.context_length
         if pretrained:
-            self.text_tokens = self.check_pretrained()
+            self.check_pretrained()
         else:
-            self.text_tokens = text_tokens
             if self.text_tokens and self.clip.text_width != self.embedding_dim:
                 raise UserError(
                     f"stage.clip: text width {self.clip.text_width} differs from the embedding width "
@@ -139,9 +138,8 @@ class PriorModule(StageModule):
             mask = torch.where(drop[:, None], self.null_text_mask, mask)
         return text_embedding, encodings, mask
 
-    def check_pretrained(self) -> bool:
-        """Whether the loaded prior reads the caption's token encodings, once its widths are checked against the
-        CLIP's: one line naming what the CLIP would need to be."""
+    def check_pretrained(self) -> None:
+        """The loaded prior's widths checked against the CLIP's: one line naming what the CLIP would need to be."""
         config = self.prior.config
         option = f"model.prior.pretrained='{self.config['pretrained']}'"
         if config.embedding_dim != self.embedding_dim:
@@ -150,15 +148,14 @@ class PriorModule(StageModule):
                 f"{self.embedding_dim}-wide ones: train with the CLIP it was trained on (Karlo: ViT-L/14, 768; "
                 f"Kandinsky 2.2: ViT-bigG/14, 1280); expected {PRIOR_LAYOUT}"
             )
-        if not config.num_embeddings:
-            return False
-        if config.num_embeddings != self.clip.context_length or self.clip.text_width != self.embedding_dim:
+        if self.text_tokens and (
+            config.num_embeddings != self.clip.context_length or self.clip.text_width != self.embedding_dim
+        ):
             raise UserError(
                 f"{option} reads {config.num_embeddings} caption tokens {config.embedding_dim} wide but the CLIP of "
                 f"stage.clip encodes {self.clip.context_length} tokens {self.clip.text_width} wide: train with "
                 "the CLIP the prior was trained on"
             )
-        return True
 
     def check_embeddings(self, image_embedding: torch.Tensor) -> None:
         """The shards' image embeddings have the CLIP's width and this prior's convention (unit norm or not)."""
